@@ -1,0 +1,3 @@
+from .batch_max_iou_assigner import BatchMaxIoUAssigner
+
+__all__ = ['BatchMaxIoUAssigner']

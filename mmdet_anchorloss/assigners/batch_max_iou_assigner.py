@@ -1,0 +1,182 @@
+"""MaxIoUAssigner for the whole batch: one IoU tensor, no loop over images or gts."""
+
+from typing import Optional, Tuple
+
+import torch
+from mmdet.models.task_modules.assigners import AssignResult, MaxIoUAssigner
+from mmdet.registry import TASK_UTILS
+from mmdet.structures.bbox import get_box_tensor
+from mmengine.structures import InstanceData
+from torch import Tensor
+
+from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
+
+NEGATIVE = 0
+IGNORED = -1
+
+
+@TASK_UTILS.register_module()
+class BatchMaxIoUAssigner(MaxIoUAssigner):
+    """Drop-in ``MaxIoUAssigner`` that also assigns a padded batch at once.
+
+    Same constructor and numbers as ``MaxIoUAssigner``. ``assign`` keeps the single-image
+    interface (so upstream heads can use it); ``assign_batch`` takes anchors shared by the
+    batch, per-image inside flags and gts padded to (B, G, 4).
+
+    The IoU is computed in anchor chunks of at most ``max_chunk_elems`` entries (B * G * n)
+    so that temporaries stay bounded; the full (B, G, N) matrix is kept only while it is
+    at most ``max_keep_elems``, else a second chunked pass recomputes it for the
+    low-quality step. ``gpu_assign_thr`` is accepted for config compatibility; chunking
+    replaces the CPU fallback.
+    """
+
+    def __init__(self, *args, max_chunk_elems: int = 1 << 23, max_keep_elems: int = 1 << 26,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_chunk_elems = int(max_chunk_elems)
+        self.max_keep_elems = int(max_keep_elems)
+
+    # ----------------------------------------------------------------- single image
+    def assign(self, pred_instances: InstanceData, gt_instances: InstanceData,
+               gt_instances_ignore: Optional[InstanceData] = None, **kwargs) -> AssignResult:
+        """Upstream interface: assign the ``priors`` of one image (see ``MaxIoUAssigner``)."""
+        if self.perm_repeat_gt_cfg is not None:
+            return super().assign(pred_instances, gt_instances, gt_instances_ignore, **kwargs)
+        priors = get_box_tensor(pred_instances.priors)
+        device = priors.device
+        gts = pad_instances([gt_instances], device)
+        ignore = None
+        if gt_instances_ignore is not None:
+            ignore = pad_instances([gt_instances_ignore], device, with_labels=False)
+        inside = torch.ones(1, len(priors), dtype=torch.bool, device=device)
+        res = self.assign_batch(priors[:, :4], inside, gts, ignore)
+        num_gts = len(gt_instances)
+        max_overlaps = res.max_overlaps[0]
+        if num_gts == 0 or len(priors) == 0:
+            max_overlaps = torch.zeros_like(max_overlaps)
+        return AssignResult(num_gts=num_gts, gt_inds=res.gt_inds[0],
+                            max_overlaps=max_overlaps, labels=res.labels[0])
+
+    # ----------------------------------------------------------------- batch
+    def assign_batch(self, anchors: Tensor, inside: Tensor, gts: PaddedBoxes,
+                     ignore: Optional[PaddedBoxes] = None) -> BatchAssignResult:
+        """Assign gts to the anchors of every image of the batch.
+
+        Args:
+            anchors (Tensor): (N, 4) anchors shared by the batch.
+            inside (Tensor): (B, N) bool; anchors upstream would hand to the assigner.
+                The others come back as ``IGNORED``.
+            gts (PaddedBoxes): bboxes (B, G, 4), labels (B, G), mask (B, G).
+            ignore (PaddedBoxes, optional): boxes to ignore, (B, K, 4) with mask.
+
+        Returns:
+            BatchAssignResult: gt_inds, max_overlaps, labels (B, N); num_gts (B,).
+        """
+        B, N = inside.shape
+        G = gts.bboxes.size(1)
+        device = anchors.device
+        gt_mask = gts.mask
+        ignored = self._ignored_anchors(anchors, ignore, B) if ignore is not None else None
+        # Anchors upstream never sees (outside) get -inf: they never win a max and never
+        # tie with a gt's best IoU (every image has at least one inside anchor).
+        chunk = max(1, self.max_chunk_elems // max(1, B * G))
+        keep = B * G * N <= self.max_keep_elems
+        kept = []
+        max_ov = anchors.new_empty(B, N)
+        argmax_ov = torch.empty(B, N, dtype=torch.long, device=device)
+        gt_max = anchors.new_full((B, G), float('-inf'))
+        gt_argmax = torch.zeros(B, G, dtype=torch.long, device=device)
+        for start in range(0, N, chunk):  # anchor chunks bound the temporaries, not a loop over gts
+            ov = self._overlaps(anchors, gts, inside, ignored, gt_mask, start, start + chunk)
+            if keep:
+                kept.append(ov)
+            max_ov[:, start:start + chunk], argmax_ov[:, start:start + chunk] = ov.max(dim=1)
+            c_max, c_arg = ov.max(dim=2)
+            better = c_max > gt_max  # strict: the first anchor of a tie wins, as in max()
+            gt_argmax = torch.where(better, c_arg + start, gt_argmax)
+            gt_max = torch.where(better, c_max, gt_max)
+
+        gt_inds = torch.full((B, N), IGNORED, dtype=torch.long, device=device)
+        if isinstance(self.neg_iou_thr, tuple):
+            lo, hi = self.neg_iou_thr
+        else:
+            lo, hi = 0, self.neg_iou_thr
+        gt_inds[(max_ov >= lo) & (max_ov < hi)] = NEGATIVE
+        pos = max_ov >= self.pos_iou_thr
+        gt_inds = torch.where(pos, argmax_ov + 1, gt_inds)
+
+        if self.match_low_quality:
+            eligible = (gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
+            if self.gt_max_assign_all:
+                low = torch.empty(B, N, dtype=torch.long, device=device)
+                gt_ids = torch.arange(1, G + 1, device=device).view(1, G, 1)
+                for i, start in enumerate(range(0, N, chunk)):
+                    ov = kept[i] if keep else self._overlaps(
+                        anchors, gts, inside, ignored, gt_mask, start, start + chunk)
+                    tie = (ov == gt_max[:, :, None]) & eligible[:, :, None]
+                    # upstream loops over gts and later gts overwrite earlier ones:
+                    # the highest tied gt index wins.
+                    low[:, start:start + chunk] = (tie * gt_ids).amax(dim=1)
+            else:
+                low = torch.zeros(B, N, dtype=torch.long, device=device)
+                gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
+                low.scatter_reduce_(1, gt_argmax, torch.where(eligible, gt_ids, 0), 'amax')
+            gt_inds = torch.where(low > 0, low, gt_inds)
+
+        # Images without gts: every anchor upstream sees is negative, IoU 0.
+        has_gt = gt_mask.any(dim=1, keepdim=True)
+        gt_inds = torch.where(has_gt, gt_inds, torch.where(inside, NEGATIVE, IGNORED))
+        gt_inds = torch.where(inside, gt_inds, IGNORED)
+        max_ov = torch.where(has_gt | ~inside, max_ov, 0.0)
+        pos = gt_inds > 0
+        labels = torch.gather(gts.labels, 1, (gt_inds - 1).clamp(min=0))
+        labels = torch.where(pos, labels, -1)
+        return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
+
+    def _overlaps(self, anchors: Tensor, gts: PaddedBoxes, inside: Tensor,
+                  ignored: Optional[Tensor], gt_mask: Tensor, start: int, end: int) -> Tensor:
+        """IoU of gts with anchors[start:end], masked: (B, G, n).
+
+        Padding gts and outside anchors are -inf; ignored anchors are -1 for every real gt,
+        as upstream sets them.
+        """
+        B = inside.size(0)
+        chunk = anchors[start:end]
+        ov = self.iou_calculator(gts.bboxes, chunk.expand(B, *chunk.shape))
+        if ignored is not None:
+            ov = ov.masked_fill(ignored[:, None, start:end], -1.0)
+        ov = ov.masked_fill(~gt_mask[:, :, None], float('-inf'))
+        return ov.masked_fill(~inside[:, None, start:end], float('-inf'))
+
+    def _ignored_anchors(self, anchors: Tensor, ignore: PaddedBoxes, B: int) -> Optional[Tensor]:
+        """(B, N) bool: anchors whose IoF with an ignore box exceeds ``ignore_iof_thr``."""
+        if not self.ignore_iof_thr > 0 or not bool(ignore.mask.any()):
+            return None
+        # Padding boxes are all zeros: their IoF with any anchor is 0, never above a
+        # positive threshold, so they need no mask.
+        N = anchors.size(0)
+        chunk = max(1, self.max_chunk_elems // max(1, B * ignore.bboxes.size(1)))
+        out = []
+        for start in range(0, N, chunk):
+            a = anchors[start:start + chunk].expand(B, -1, -1)
+            if self.ignore_wrt_candidates:
+                iof = self.iou_calculator(a, ignore.bboxes, mode='iof').amax(dim=2)
+            else:
+                iof = self.iou_calculator(ignore.bboxes, a, mode='iof').amax(dim=1)
+            out.append(iof > self.ignore_iof_thr)
+        return torch.cat(out, dim=1)
+
+
+def assign_result_of(result: BatchAssignResult, index: int,
+                     inside: Optional[Tensor] = None) -> Tuple[AssignResult, Tensor]:
+    """mmdet ``AssignResult`` of one image, restricted to its inside anchors.
+
+    Returns:
+        tuple[AssignResult, Tensor]: the result and the (M,) indices of the anchors kept.
+    """
+    keep = inside[index].nonzero().squeeze(1) if inside is not None else \
+        torch.arange(result.gt_inds.size(1), device=result.gt_inds.device)
+    num_gts = int(result.num_gts[index])
+    return AssignResult(num_gts=num_gts, gt_inds=result.gt_inds[index, keep],
+                        max_overlaps=result.max_overlaps[index, keep],
+                        labels=result.labels[index, keep]), keep

@@ -1,0 +1,220 @@
+"""The batched anchor-head loss, shared by the plugin heads.
+
+``BatchedAnchorLossMixin`` goes before an mmdet ``AnchorHead`` subclass in the bases and
+replaces the image-by-image, level-by-level loss with one batched pass: anchors once,
+inside flags per image, one assignment for the batch, targets for positives only, a fused
+classification loss over all levels, the regression loss on gathered positives, and one
+reduction to upstream's per-level values.
+"""
+
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from mmdet.structures.bbox import get_box_tensor
+from mmdet.utils import reduce_mean
+from mmengine.logging import MessageHub
+from mmengine.structures import InstanceData
+from torch import Tensor
+
+from ..anchors import BatchAnchors, batch_anchors
+from ..losses.level_reduce import normalise, rows_of, segment_sum
+from ..structures import PaddedBoxes, SampledTargets, pad_instances
+from ..targets import assign_batch, build_targets, levels_to_rows, sample_batch
+from ..validation import (check_batch_lengths, check_finite_predictions, check_gts,
+                          check_predictions, describe_image)
+
+
+class LossInputs(NamedTuple):
+    """What the loss needs besides the predictions."""
+
+    anchors: BatchAnchors
+    gts: PaddedBoxes
+    targets: SampledTargets
+
+
+class BatchedAnchorLossMixin:
+    """Batched ``loss_by_feat`` for AnchorHead-style heads (see module docstring).
+
+    Extra keyword arguments of the plugin heads (all optional, defaults keep upstream's
+    numbers):
+        sync_avg_factor (bool): all-reduce (mean) the avg_factor across processes so the
+            loss does not depend on how the batch is split. Default False (upstream's
+            per-process normalisation).
+        check_finite (bool): raise a ``ValueError`` naming the level when a prediction map
+            holds NaN or inf. Default False (one extra pass and host sync).
+        log_assign_stats (bool): record positives per level and the share of gts with no
+            positive anchor in mmengine's ``MessageHub``. Default True.
+    """
+
+    def _init_batched_options(self, sync_avg_factor: bool = False, check_finite: bool = False,
+                              log_assign_stats: bool = True) -> None:
+        self.sync_avg_factor = sync_avg_factor
+        self.check_finite = check_finite
+        self.log_assign_stats = log_assign_stats
+
+    # --------------------------------------------------------------- targets
+    def batch_targets(self, featmap_sizes: Sequence, batch_gt_instances: Sequence[InstanceData],
+                      batch_img_metas: Sequence[dict],
+                      batch_gt_instances_ignore: Optional[Sequence] = None,
+                      device=None) -> LossInputs:
+        """Anchors, assignment, sampling and box targets for the whole batch.
+
+        Args:
+            featmap_sizes (Sequence[tuple]): (H_l, W_l) per level.
+            batch_gt_instances (Sequence[InstanceData]): B items with ``bboxes`` (G_i, 4)
+                and ``labels`` (G_i,).
+            batch_img_metas (Sequence[dict]): B metas (``img_shape``, ``pad_shape``).
+            batch_gt_instances_ignore (Sequence[InstanceData | None], optional): boxes to
+                ignore per image.
+
+        Returns:
+            LossInputs: ``anchors`` (N anchors, (B, N) inside flags) and ``targets``.
+        """
+        check_batch_lengths(batch_gt_instances, batch_img_metas, batch_gt_instances_ignore)
+        gts = pad_instances(batch_gt_instances, device)
+        check_gts(gts, self.num_classes, batch_img_metas)
+        ignore = None
+        if batch_gt_instances_ignore is not None and any(
+                i is not None and len(i) > 0 for i in batch_gt_instances_ignore):
+            ignore = pad_instances(batch_gt_instances_ignore, device, with_labels=False)
+            check_gts(ignore, 0, batch_img_metas, what='ignore')
+        anchors = batch_anchors(self.prior_generator, featmap_sizes, batch_img_metas,
+                                self.train_cfg['allowed_border'], device)
+        no_inside = ~anchors.inside.any(dim=1)
+        if bool(no_inside.any()):
+            img = int(no_inside.nonzero()[0])
+            raise ValueError(
+                f'{describe_image(img, batch_img_metas)} has no valid anchor inside the '
+                f'image boundary (img_shape={batch_img_metas[img]["img_shape"]}). Check the '
+                'image size and anchor sizes, or set ``allowed_border`` to -1 to skip the '
+                'condition.')
+        assign = assign_batch(self.assigner, anchors, gts, ignore, batch_gt_instances,
+                              batch_gt_instances_ignore)
+        pos, neg, avg_factor = sample_batch(self.sampler, assign, anchors, batch_gt_instances)
+        if self.sync_avg_factor:
+            avg_factor = reduce_mean(avg_factor)
+        targets = build_targets(self, anchors, gts, assign, pos, neg, avg_factor)
+        return LossInputs(anchors, gts, targets)
+
+    # --------------------------------------------------------------- losses
+    def _cls_level_losses(self, cls_scores: List[Tensor], inputs: LossInputs) -> Tensor:
+        """(L,) classification loss per level."""
+        t, a = inputs.targets, inputs.anchors
+        loss = self.loss_cls
+        if hasattr(loss, 'level_row_losses') and loss._fusable():
+            rows = loss.level_row_losses(cls_scores, self.prior_generator.num_base_anchors,
+                                         t.labels, t.label_weights)
+        else:  # any mmdet loss: one call over all levels, reduced per level below
+            flat = levels_to_rows(cls_scores, self.cls_out_channels)
+            B, N = t.labels.shape
+            out = loss(flat.reshape(B * N, -1), t.labels.reshape(-1),
+                       t.label_weights.reshape(-1), reduction_override='none')
+            rows = rows_of(out, B * N).view(B, N)
+        per_level = segment_sum(rows.sum(dim=0), a.level_ids, len(a.level_sizes))
+        return normalise(per_level, t.avg_factor)
+
+    def _positive_deltas(self, bbox_preds: List[Tensor], inputs: LossInputs) -> Tensor:
+        """(P, box_dim) predictions of the positives, decoded with ``reg_decoded_bbox``."""
+        t, a = inputs.targets, inputs.anchors
+        box_dim = self.bbox_coder.encode_size
+        pred = levels_to_rows(bbox_preds, box_dim)[t.pos_batch_inds, t.pos_anchor_inds]
+        if self.reg_decoded_bbox:
+            pred = get_box_tensor(self.bbox_coder.decode(a.anchors[t.pos_anchor_inds], pred))
+        return pred
+
+    def _bbox_level_losses(self, bbox_preds: List[Tensor], inputs: LossInputs) -> Tensor:
+        """(L,) regression loss per level, computed on the positives only."""
+        t, a = inputs.targets, inputs.anchors
+        pred = self._positive_deltas(bbox_preds, inputs)
+        out = self.loss_bbox(pred, t.pos_bbox_targets, torch.ones_like(t.pos_bbox_targets),
+                             reduction_override='none')
+        rows = rows_of(out, len(pred))
+        per_level = segment_sum(rows, a.level_ids[t.pos_anchor_inds], len(a.level_sizes))
+        return normalise(per_level, t.avg_factor)
+
+    def batched_loss_by_feat(self, cls_scores: List[Tensor], bbox_preds: List[Tensor],
+                             batch_gt_instances: Sequence[InstanceData],
+                             batch_img_metas: Sequence[dict],
+                             batch_gt_instances_ignore: Optional[Sequence] = None
+                             ) -> Dict[str, List[Tensor]]:
+        """Upstream ``AnchorHead.loss_by_feat``'s numbers, batched.
+
+        Args:
+            cls_scores (list[Tensor]): L maps (B, A * cls_out_channels, H_l, W_l).
+            bbox_preds (list[Tensor]): L maps (B, A * 4, H_l, W_l).
+            batch_gt_instances (list[InstanceData]): B items, ``bboxes`` (G_i, 4) and
+                ``labels`` (G_i,).
+            batch_img_metas (list[dict]): B metas.
+            batch_gt_instances_ignore (list[InstanceData | None], optional).
+
+        Returns:
+            dict: ``loss_cls`` and ``loss_bbox``, each a list of L 0-d tensors.
+        """
+        inputs = self.prepare_loss(cls_scores, bbox_preds, batch_gt_instances,
+                                   batch_img_metas, batch_gt_instances_ignore)
+        losses_cls = self._cls_level_losses(cls_scores, inputs)
+        losses_bbox = self._bbox_level_losses(bbox_preds, inputs)
+        return dict(loss_cls=list(losses_cls.unbind()), loss_bbox=list(losses_bbox.unbind()))
+
+    def prepare_loss(self, cls_scores, bbox_preds, batch_gt_instances, batch_img_metas,
+                     batch_gt_instances_ignore=None) -> LossInputs:
+        """Validate the inputs, then compute anchors and targets (and log statistics)."""
+        check_batch_lengths(batch_gt_instances, batch_img_metas, batch_gt_instances_ignore)
+        check_predictions(cls_scores, bbox_preds, self.prior_generator.num_levels,
+                          self.prior_generator.num_base_anchors, self.cls_out_channels,
+                          self.bbox_coder.encode_size, len(batch_img_metas))
+        if self.check_finite:
+            check_finite_predictions(cls_scores, bbox_preds)
+        featmap_sizes = [tuple(s.shape[-2:]) for s in cls_scores]
+        inputs = self.batch_targets(featmap_sizes, batch_gt_instances, batch_img_metas,
+                                    batch_gt_instances_ignore, device=cls_scores[0].device)
+        if self.log_assign_stats:
+            log_assign_stats(inputs)
+        return inputs
+
+    # --------------------------------------------------------------- mmdet 2.x names
+    def loss_single(self, cls_score, bbox_pred, anchors, labels, label_weights, bbox_targets,
+                    bbox_weights, num_total_samples):
+        """mmdet 2.x ``loss_single``: one level, ``num_total_samples`` is the avg_factor."""
+        return self.loss_by_feat_single(cls_score, bbox_pred, anchors, labels, label_weights,
+                                        bbox_targets, bbox_weights, avg_factor=num_total_samples)
+
+    def legacy_loss(self, cls_scores, bbox_preds, gt_bboxes, gt_labels, img_metas,
+                    gt_bboxes_ignore=None):
+        """mmdet 2.x ``loss``: plain per-image tensors instead of ``InstanceData``.
+
+        Args:
+            gt_bboxes (list[Tensor]): B tensors (G_i, 4).
+            gt_labels (list[Tensor]): B tensors (G_i,).
+            img_metas (list[dict]): B metas.
+            gt_bboxes_ignore (list[Tensor], optional): B tensors (K_i, 4).
+        """
+        gts = [InstanceData(bboxes=b, labels=lab) for b, lab in zip(gt_bboxes, gt_labels)]
+        ignore = None
+        if gt_bboxes_ignore is not None:
+            ignore = [InstanceData(bboxes=b) if b is not None else None
+                      for b in gt_bboxes_ignore]
+        return self.loss_by_feat(cls_scores, bbox_preds, gts, img_metas, ignore)
+
+
+def log_assign_stats(inputs: LossInputs) -> None:
+    """Assigned positives per level (mean per image) and the share of gts with no
+    positive anchor, to mmengine's ``MessageHub`` (so they reach the training log).
+
+    Computed on the device; read back in one small copy after the target step's own
+    host sync, so it adds no stall of its own.
+    """
+    assign, anchors = inputs.targets.assign, inputs.anchors
+    B, G = inputs.gts.mask.shape
+    pos = assign.gt_inds > 0
+    pos_per_level = segment_sum(pos.sum(dim=0).float(), anchors.level_ids,
+                                len(anchors.level_sizes)) / max(B, 1)
+    matched = torch.zeros(B, G + 1, device=pos.device)
+    matched.scatter_(1, assign.gt_inds.clamp(min=0), 1.0)
+    total = inputs.gts.mask.sum().float()
+    unmatched = (total - (matched[:, 1:] * inputs.gts.mask).sum()) / total.clamp(min=1)
+    values = torch.cat([pos_per_level, unmatched.view(1)]).tolist()
+    hub = MessageHub.get_current_instance()
+    for lvl, value in enumerate(values[:-1]):
+        hub.update_scalar(f'train/assign/pos_l{lvl}', value)
+    hub.update_scalar('train/assign/gts_without_pos', values[-1])

@@ -1,0 +1,41 @@
+"""CrossEntropyLoss, sigmoid path fused; a drop-in for mmdet's ``CrossEntropyLoss``."""
+
+from typing import Optional
+
+from mmdet.models.losses import CrossEntropyLoss
+from mmdet.registry import MODELS
+from torch import Tensor
+
+from .fused_focal_loss import FusedSigmoidMixin
+
+
+@MODELS.register_module()
+class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
+    """Same constructor and numbers as mmdet's ``CrossEntropyLoss``.
+
+    ``use_sigmoid=True`` (RPN, sigmoid heads) with class-index targets, no ``class_weight``
+    and no ``ignore_index`` runs the fused sigmoid kernel (binary cross-entropy is the
+    focal form with gamma 0 and both alphas 1). Softmax (``use_sigmoid=False``) is
+    torch's ``cross_entropy``, already a fused log-softmax; the head reduces its rows
+    per level in one call.
+    """
+
+    def _sigmoid_params(self):
+        return 0.0, 1.0, 1.0
+
+    def _fusable(self) -> bool:
+        return self.use_sigmoid and self.class_weight is None and self.ignore_index is None
+
+    def forward(self, cls_score: Tensor, label: Tensor, weight: Optional[Tensor] = None,
+                avg_factor=None, reduction_override: Optional[str] = None,
+                ignore_index: Optional[int] = None, **kwargs) -> Tensor:
+        """See ``CrossEntropyLoss.forward``."""
+        assert reduction_override in (None, 'none', 'mean', 'sum')
+        reduction = reduction_override if reduction_override else self.reduction
+        out = None
+        if ignore_index is None and not kwargs:
+            out = self._fused_forward(cls_score, label, weight, avg_factor, reduction)
+        if out is None:
+            return super().forward(cls_score, label, weight, avg_factor, reduction_override,
+                                   ignore_index, **kwargs)
+        return out

@@ -1,0 +1,83 @@
+"""FocalLoss with a fused kernel and analytic gradient; a drop-in for mmdet's ``FocalLoss``."""
+
+from typing import Optional, Sequence
+
+from mmdet.models.losses import FocalLoss
+from mmdet.registry import MODELS
+from torch import Tensor
+
+from .level_reduce import normalise
+from .sigmoid_kernels import sigmoid_level_losses
+
+
+class FusedSigmoidMixin:
+    """Shared by the fused sigmoid losses: the upstream ``forward`` and the level path.
+
+    Subclasses define ``_sigmoid_params()`` -> (gamma, alpha_pos, alpha_neg) and
+    ``_fusable()``.
+    """
+
+    def level_row_losses(self, levels: Sequence[Tensor], num_base_priors: Sequence[int],
+                         labels: Tensor, weights: Tensor) -> Tensor:
+        """Per-anchor losses, ``loss_weight`` included, straight from the prediction maps.
+
+        Args:
+            levels (Sequence[Tensor]): L maps (B, A_l * C, H_l, W_l).
+            num_base_priors (Sequence[int]): A_l per level.
+            labels (Tensor): (B, N) long in [0, C]; C is background.
+            weights (Tensor): (B, N) float.
+
+        Returns:
+            Tensor: (B, N) float.
+        """
+        rows = sigmoid_level_losses(levels, num_base_priors, labels, weights,
+                                    *self._sigmoid_params())
+        return self.loss_weight * rows
+
+    def _fused_forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor],
+                       avg_factor, reduction: str) -> Optional[Tensor]:
+        """The upstream call on (R, C) scores and (R,) labels, fused; None if not fusable."""
+        if not self._fusable() or reduction not in ('mean', 'sum') or pred.dim() != 2 \
+                or target.dim() != 1 or (weight is not None and weight.shape != target.shape):
+            return None
+        R, C = pred.shape
+        weight = pred.new_ones(R) if weight is None else weight.float()
+        valid = (target >= 0) & (target <= C)  # mmdet's binary CE ignores negative labels
+        rows = sigmoid_level_losses([pred.reshape(1, R * C, 1, 1)], [R],
+                                    target.clamp(min=0, max=C).view(1, R),
+                                    (weight * valid).view(1, R), *self._sigmoid_params())
+        total = rows.sum()
+        if avg_factor is None:
+            return self.loss_weight * (total / max(R * C, 1) if reduction == 'mean' else total)
+        if reduction == 'sum':
+            raise ValueError('avg_factor can not be used with reduction="sum"')
+        return self.loss_weight * normalise(total, avg_factor)
+
+
+@MODELS.register_module()
+class FusedFocalLoss(FusedSigmoidMixin, FocalLoss):
+    """Sigmoid focal loss, fused. Same constructor and numbers as mmdet's ``FocalLoss``.
+
+    On class-index targets it runs one fused pass forward and one backward (see
+    ``sigmoid_kernels``), on CPU and CUDA alike; other calls (one-hot targets,
+    ``activated=True``, ``reduction='none'``) go to ``FocalLoss`` unchanged.
+    """
+
+    def _sigmoid_params(self):
+        return self.gamma, self.alpha, 1.0 - self.alpha
+
+    def _fusable(self) -> bool:
+        return self.use_sigmoid and not self.activated
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                avg_factor=None, reduction_override: Optional[str] = None) -> Tensor:
+        """See ``FocalLoss.forward``."""
+        assert reduction_override in (None, 'none', 'mean', 'sum')
+        reduction = reduction_override if reduction_override else self.reduction
+        out = self._fused_forward(pred, target, weight, avg_factor, reduction)
+        if out is None:
+            return super().forward(pred, target, weight, avg_factor, reduction_override)
+        return out
+
+
+__all__ = ['FusedFocalLoss', 'FusedSigmoidMixin']
