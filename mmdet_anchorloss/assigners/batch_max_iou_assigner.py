@@ -30,7 +30,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
     replaces the CPU fallback.
     """
 
-    def __init__(self, *args, max_chunk_elems: int = 1 << 23, max_keep_elems: int = 1 << 26,
+    def __init__(self, *args, max_chunk_elems: int = 1 << 22, max_keep_elems: int = 1 << 26,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_chunk_elems = int(max_chunk_elems)

@@ -1,0 +1,109 @@
+"""Fused sigmoid losses: upstream interface, compiled and eager kernels, gradients."""
+
+import pytest
+import torch
+from helpers import (
+    assert_grads_match,
+    assert_losses_match,
+    build,
+    loss_and_grads,
+    make_batch,
+    retina_cfg,
+    rpn_cfg,
+    to_plugin,
+)
+from mmdet.models.losses import CrossEntropyLoss, FocalLoss
+
+from mmdet_anchorloss.losses import FusedCrossEntropyLoss, FusedFocalLoss
+from mmdet_anchorloss.losses import sigmoid_kernels
+
+
+def _rows(seed=0, R=300, C=7):
+    gen = torch.Generator().manual_seed(seed)
+    pred = torch.randn(R, C, generator=gen) * 3
+    labels = torch.randint(0, C + 1, (R,), generator=gen)
+    weight = (torch.rand(R, generator=gen) > 0.2).float() * 1.5
+    return pred, labels, weight
+
+
+def _value_and_grad(loss, pred, *args, **kwargs):
+    x = pred.clone().requires_grad_()
+    out = loss(x, *args, **kwargs)
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(gamma=1.5, alpha=0.4, loss_weight=2.0)])
+@pytest.mark.parametrize('avg_factor', [None, 37.0])
+def test_focal_upstream_interface(kwargs, avg_factor):
+    pred, labels, weight = _rows()
+    ref = _value_and_grad(FocalLoss(**kwargs), pred, labels, weight, avg_factor=avg_factor)
+    got = _value_and_grad(FusedFocalLoss(**kwargs), pred, labels, weight, avg_factor=avg_factor)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-7)
+    assert_grads_match([ref[1]], [got[1]])
+
+
+def test_focal_falls_back_where_not_fused():
+    pred, labels, weight = _rows()
+    onehot = torch.nn.functional.one_hot(labels, 8)[:, :7].float()
+    for args, kw in [
+        ((onehot, weight[:, None].expand(-1, 7)), {}),
+        ((labels, weight), dict(reduction_override='none')),
+    ]:
+        ref = FocalLoss()(pred, *args, **kw)
+        got = FusedFocalLoss()(pred, *args, **kw)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize('use_sigmoid', [True, False])
+def test_cross_entropy_upstream_interface(use_sigmoid):
+    pred, labels, weight = _rows(C=1 if use_sigmoid else 5)
+    labels = labels.clamp(max=pred.size(1) - (0 if use_sigmoid else 1))
+    ref = _value_and_grad(
+        CrossEntropyLoss(use_sigmoid=use_sigmoid), pred, labels, weight, avg_factor=50.0
+    )
+    got = _value_and_grad(
+        FusedCrossEntropyLoss(use_sigmoid=use_sigmoid), pred, labels, weight, avg_factor=50.0
+    )
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-7)
+    assert_grads_match([ref[1]], [got[1]])
+
+
+def test_eager_chunks_equal_whole(monkeypatch):
+    head = build(to_plugin(retina_cfg()))
+    batch = make_batch(head, 4, (4, 1), [(100, 120), (64, 90)])
+    whole, whole_g = loss_and_grads(head, *batch)
+    monkeypatch.setattr(sigmoid_kernels, '_EAGER_CHUNK', 97)  # many ragged chunks
+    chunked, chunked_g = loss_and_grads(head, *batch)
+    assert_losses_match(whole, chunked, rtol=1e-6)
+    assert_grads_match(whole_g, chunked_g, tol=1e-6)
+
+
+@pytest.mark.parametrize('make_cfg', [retina_cfg, rpn_cfg], ids=['focal', 'sigmoid_ce'])
+def test_compiled_kernels_match_upstream(monkeypatch, make_cfg):
+    """The torch.compile path (the default outside tests) against upstream."""
+    monkeypatch.setattr(sigmoid_kernels.KERNELS, 'mode', '1')  # compile, or raise
+    cfg = make_cfg()
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    batch = make_batch(upstream, 9, (5, 2), [(100, 120), (64, 90)])
+    ref, ref_g = loss_and_grads(upstream, *batch)
+    got, got_g = loss_and_grads(plugin, *batch)
+    assert sigmoid_kernels.KERNELS._compiled is not None and not sigmoid_kernels.KERNELS.failed
+    assert_losses_match(ref, got)
+    assert_grads_match(ref_g, got_g)
+
+
+def test_compile_failure_falls_back_with_a_warning(monkeypatch):
+    kernels = sigmoid_kernels._Kernels()
+    kernels.mode = 'auto'
+
+    def broken():
+        raise RuntimeError('no compiler here')
+
+    monkeypatch.setattr(kernels, '_get_compiled', broken)
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.warns(UserWarning, match='using eager kernels'):
+        out = kernels.rowsum(x, 2.0, 0.75)
+    assert kernels.failed
+    torch.testing.assert_close(out, sigmoid_kernels._rowsum(x, 2.0, 0.75))
