@@ -7,12 +7,16 @@ MODELS ``AnchorLossHead``, ``AnchorLossRetinaHead``, ``AnchorLossRPNHead``,
 ``custom_imports = dict(imports=['mmdet_anchorloss'], allow_failed_imports=False)``.
 """
 
+from . import datasets  # noqa: F401  (CheckedCocoDataset)
 from .assigners import BatchMaxIoUAssigner
 from .coders import BatchDeltaXYWHBBoxCoder
+from .engine.checkpoint import register_safe_checkpoint_globals
 from .heads import AnchorLossHead, AnchorLossRetinaHead, AnchorLossRPNHead, AnchorLossSSDHead
 from .losses import FusedCrossEntropyLoss, FusedFocalLoss
 
 __version__ = '0.1.0'
+
+register_safe_checkpoint_globals()  # torch>=2.6 weights_only resume, see engine/checkpoint.py
 
 REGISTERED = {
     'MODELS': ['AnchorLossHead', 'AnchorLossRetinaHead', 'AnchorLossRPNHead',

@@ -3,13 +3,14 @@
 from typing import Optional, Tuple
 
 import torch
-from mmdet.models.task_modules.assigners import AssignResult, MaxIoUAssigner
+from mmdet.models.task_modules.assigners import AssignResult, BboxOverlaps2D, MaxIoUAssigner
 from mmdet.registry import TASK_UTILS
 from mmdet.structures.bbox import get_box_tensor
 from mmengine.structures import InstanceData
 from torch import Tensor
 
 from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
+from .iou_kernels import low_quality_ties, overlap_max
 
 NEGATIVE = 0
 IGNORED = -1
@@ -23,18 +24,15 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
     interface (so upstream heads can use it); ``assign_batch`` takes anchors shared by the
     batch, per-image inside flags and gts padded to (B, G, 4).
 
-    The IoU is computed in anchor chunks of at most ``max_chunk_elems`` entries (B * G * n)
-    so that temporaries stay bounded; the full (B, G, N) matrix is kept only while it is
-    at most ``max_keep_elems``, else a second chunked pass recomputes it for the
-    low-quality step. ``gpu_assign_thr`` is accepted for config compatibility; chunking
-    replaces the CPU fallback.
+    The IoU is fused with its reductions (``iou_kernels``) and computed in anchor chunks
+    of at most ``max_chunk_elems`` entries (B * G * n), so no (B, G, N) matrix is stored;
+    the low-quality step recomputes it chunk by chunk. ``gpu_assign_thr`` is accepted for
+    config compatibility; chunking replaces the CPU fallback.
     """
 
-    def __init__(self, *args, max_chunk_elems: int = 1 << 22, max_keep_elems: int = 1 << 26,
-                 **kwargs) -> None:
+    def __init__(self, *args, max_chunk_elems: int = 1 << 22, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_chunk_elems = int(max_chunk_elems)
-        self.max_keep_elems = int(max_keep_elems)
 
     # ----------------------------------------------------------------- single image
     def assign(self, pred_instances: InstanceData, gt_instances: InstanceData,
@@ -77,47 +75,39 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         device = anchors.device
         gt_mask = gts.mask
         ignored = self._ignored_anchors(anchors, ignore, B) if ignore is not None else None
-        # Anchors upstream never sees (outside) get -inf: they never win a max and never
-        # tie with a gt's best IoU (every image has at least one inside anchor).
-        chunk = max(1, self.max_chunk_elems // max(1, B * G))
-        keep = B * G * N <= self.max_keep_elems
-        kept = []
+        overlap_max, ties = self._kernels()
+        # Anchor chunks bound the eager temporaries (the compiled kernels store none).
+        # Outside anchors are -inf: they never win a max and never tie with a gt's best IoU
+        # (every image has at least one inside anchor).
+        chunks = list(range(0, N, max(1, self.max_chunk_elems // max(1, B * G))))
+        bounds = [(s, chunks[i + 1] if i + 1 < len(chunks) else N) for i, s in enumerate(chunks)]
         max_ov = anchors.new_empty(B, N)
         argmax_ov = torch.empty(B, N, dtype=torch.long, device=device)
         gt_max = anchors.new_full((B, G), float('-inf'))
         gt_argmax = torch.zeros(B, G, dtype=torch.long, device=device)
-        for start in range(0, N, chunk):  # anchor chunks bound the temporaries, not a loop over gts
-            ov = self._overlaps(anchors, gts, inside, ignored, gt_mask, start, start + chunk)
-            if keep:
-                kept.append(ov)
-            max_ov[:, start:start + chunk], argmax_ov[:, start:start + chunk] = ov.max(dim=1)
-            c_max, c_arg = ov.max(dim=2)
+        for s, e in bounds:
+            m, am, c_max, c_arg = overlap_max(gts.bboxes, gt_mask, anchors[s:e], inside[:, s:e],
+                                              None if ignored is None else ignored[:, s:e])
+            max_ov[:, s:e], argmax_ov[:, s:e] = m, am
             better = c_max > gt_max  # strict: the first anchor of a tie wins, as in max()
-            gt_argmax = torch.where(better, c_arg + start, gt_argmax)
+            gt_argmax = torch.where(better, c_arg + s, gt_argmax)
             gt_max = torch.where(better, c_max, gt_max)
 
-        gt_inds = torch.full((B, N), IGNORED, dtype=torch.long, device=device)
         if isinstance(self.neg_iou_thr, tuple):
             lo, hi = self.neg_iou_thr
         else:
             lo, hi = 0, self.neg_iou_thr
-        gt_inds[(max_ov >= lo) & (max_ov < hi)] = NEGATIVE
-        pos = max_ov >= self.pos_iou_thr
-        gt_inds = torch.where(pos, argmax_ov + 1, gt_inds)
+        gt_inds = torch.where((max_ov >= lo) & (max_ov < hi), NEGATIVE, IGNORED)
+        gt_inds = torch.where(max_ov >= self.pos_iou_thr, argmax_ov + 1, gt_inds)
 
         if self.match_low_quality:
             eligible = (gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
             if self.gt_max_assign_all:
-                low = torch.empty(B, N, dtype=torch.long, device=device)
-                gt_ids = torch.arange(1, G + 1, device=device).view(1, G, 1)
-                for i, start in enumerate(range(0, N, chunk)):
-                    ov = kept[i] if keep else self._overlaps(
-                        anchors, gts, inside, ignored, gt_mask, start, start + chunk)
-                    tie = (ov == gt_max[:, :, None]) & eligible[:, :, None]
-                    # upstream loops over gts and later gts overwrite earlier ones:
-                    # the highest tied gt index wins.
-                    low[:, start:start + chunk] = (tie * gt_ids).amax(dim=1)
-            else:
+                low = torch.cat([
+                    ties(gts.bboxes, gt_mask, anchors[s:e], inside[:, s:e],
+                         None if ignored is None else ignored[:, s:e], gt_max, eligible)
+                    for s, e in bounds], dim=1)
+            else:  # each gt claims its first best anchor; later gts overwrite earlier ones
                 low = torch.zeros(B, N, dtype=torch.long, device=device)
                 gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
                 low.scatter_reduce_(1, gt_argmax, torch.where(eligible, gt_ids, 0), 'amax')
@@ -125,28 +115,37 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
 
         # Images without gts: every anchor upstream sees is negative, IoU 0.
         has_gt = gt_mask.any(dim=1, keepdim=True)
-        gt_inds = torch.where(has_gt, gt_inds, torch.where(inside, NEGATIVE, IGNORED))
+        gt_inds = torch.where(has_gt, gt_inds, NEGATIVE)
         gt_inds = torch.where(inside, gt_inds, IGNORED)
         max_ov = torch.where(has_gt | ~inside, max_ov, 0.0)
-        pos = gt_inds > 0
         labels = torch.gather(gts.labels, 1, (gt_inds - 1).clamp(min=0))
-        labels = torch.where(pos, labels, -1)
+        labels = torch.where(gt_inds > 0, labels, -1)
         return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
 
-    def _overlaps(self, anchors: Tensor, gts: PaddedBoxes, inside: Tensor,
-                  ignored: Optional[Tensor], gt_mask: Tensor, start: int, end: int) -> Tensor:
-        """IoU of gts with anchors[start:end], masked: (B, G, n).
+    def _kernels(self):
+        """Fused IoU kernels for the default ``BboxOverlaps2D``; else the configured one."""
+        calc = self.iou_calculator
+        if type(calc) is BboxOverlaps2D and calc.scale == 1. and calc.dtype is None:
+            return overlap_max, low_quality_ties
 
-        Padding gts and outside anchors are -inf; ignored anchors are -1 for every real gt,
-        as upstream sets them.
-        """
-        B = inside.size(0)
-        chunk = anchors[start:end]
-        ov = self.iou_calculator(gts.bboxes, chunk.expand(B, *chunk.shape))
-        if ignored is not None:
-            ov = ov.masked_fill(ignored[:, None, start:end], -1.0)
-        ov = ov.masked_fill(~gt_mask[:, :, None], float('-inf'))
-        return ov.masked_fill(~inside[:, None, start:end], float('-inf'))
+        def masked(gts, gt_mask, anchors, inside, ignored):
+            B = inside.size(0)
+            ov = calc(gts, anchors.expand(B, *anchors.shape))
+            if ignored is not None:
+                ov = ov.masked_fill(ignored[:, None, :], -1.0)
+            return ov.masked_fill(~(gt_mask[:, :, None] & inside[:, None, :]), float('-inf'))
+
+        def reduce_max(*args):
+            ov = masked(*args)
+            return (*ov.max(dim=1), *ov.max(dim=2))
+
+        def ties(gts, gt_mask, anchors, inside, ignored, gt_max, eligible):
+            ov = masked(gts, gt_mask, anchors, inside, ignored)
+            tie = (ov == gt_max[:, :, None]) & eligible[:, :, None]
+            gt_ids = torch.arange(1, gts.size(1) + 1, device=gts.device).view(1, -1, 1)
+            return torch.where(tie, gt_ids, 0).amax(dim=1)
+
+        return reduce_max, ties
 
     def _ignored_anchors(self, anchors: Tensor, ignore: PaddedBoxes, B: int) -> Optional[Tensor]:
         """(B, N) bool: anchors whose IoF with an ignore box exceeds ``ignore_iof_thr``."""

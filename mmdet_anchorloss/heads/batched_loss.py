@@ -101,15 +101,15 @@ class BatchedAnchorLossMixin:
         """(L,) classification loss per level."""
         t, a = inputs.targets, inputs.anchors
         loss = self.loss_cls
-        if hasattr(loss, 'level_row_losses') and loss._fusable():
-            rows = loss.level_row_losses(cls_scores, self.prior_generator.num_base_anchors,
-                                         t.labels, t.label_weights)
-        else:  # any mmdet loss: one call over all levels, reduced per level below
-            flat = levels_to_rows(cls_scores, self.cls_out_channels)
-            B, N = t.labels.shape
-            out = loss(flat.reshape(B * N, -1), t.labels.reshape(-1),
-                       t.label_weights.reshape(-1), reduction_override='none')
-            rows = rows_of(out, B * N).view(B, N)
+        if hasattr(loss, 'level_losses') and loss._fusable():
+            return loss.level_losses(cls_scores, self.prior_generator.num_base_anchors,
+                                     t.labels, t.label_weights, t.avg_factor)
+        # any mmdet loss: one call over all levels, reduced per level
+        flat = levels_to_rows(cls_scores, self.cls_out_channels)
+        B, N = t.labels.shape
+        out = loss(flat.reshape(B * N, -1), t.labels.reshape(-1), t.label_weights.reshape(-1),
+                   reduction_override='none')
+        rows = rows_of(out, B * N).view(B, N)
         per_level = segment_sum(rows.sum(dim=0), a.level_ids, len(a.level_sizes))
         return normalise(per_level, t.avg_factor)
 

@@ -6,7 +6,7 @@ from mmdet.models.losses import FocalLoss
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from .level_reduce import normalise
+from .level_reduce import EPS
 from .sigmoid_kernels import sigmoid_level_losses
 
 
@@ -17,22 +17,23 @@ class FusedSigmoidMixin:
     ``_fusable()``.
     """
 
-    def level_row_losses(self, levels: Sequence[Tensor], num_base_priors: Sequence[int],
-                         labels: Tensor, weights: Tensor) -> Tensor:
-        """Per-anchor losses, ``loss_weight`` included, straight from the prediction maps.
+    def level_losses(self, levels: Sequence[Tensor], num_base_priors: Sequence[int],
+                     labels: Tensor, weights: Tensor, avg_factor) -> Tensor:
+        """Per-level losses straight from the prediction maps, as upstream reports them.
 
         Args:
             levels (Sequence[Tensor]): L maps (B, A_l * C, H_l, W_l).
             num_base_priors (Sequence[int]): A_l per level.
             labels (Tensor): (B, N) long in [0, C]; C is background.
             weights (Tensor): (B, N) float.
+            avg_factor (Tensor | float): the normaliser.
 
         Returns:
-            Tensor: (B, N) float.
+            Tensor: (L,) ``loss_weight * sum(level) / (avg_factor + eps)``.
         """
-        rows = sigmoid_level_losses(levels, num_base_priors, labels, weights,
+        scale = self.loss_weight / (avg_factor + EPS)
+        return sigmoid_level_losses(levels, num_base_priors, labels, weights, scale,
                                     *self._sigmoid_params())
-        return self.loss_weight * rows
 
     def _fused_forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor],
                        avg_factor, reduction: str) -> Optional[Tensor]:
@@ -41,17 +42,19 @@ class FusedSigmoidMixin:
                 or target.dim() != 1 or (weight is not None and weight.shape != target.shape):
             return None
         R, C = pred.shape
+        if avg_factor is not None:
+            if reduction == 'sum':
+                raise ValueError('avg_factor can not be used with reduction="sum"')
+            scale = self.loss_weight / (avg_factor + EPS)
+        else:
+            scale = self.loss_weight / max(R * C, 1) if reduction == 'mean' else self.loss_weight
         weight = pred.new_ones(R) if weight is None else weight.float()
         valid = (target >= 0) & (target <= C)  # mmdet's binary CE ignores negative labels
-        rows = sigmoid_level_losses([pred.reshape(1, R * C, 1, 1)], [R],
-                                    target.clamp(min=0, max=C).view(1, R),
-                                    (weight * valid).view(1, R), *self._sigmoid_params())
-        total = rows.sum()
-        if avg_factor is None:
-            return self.loss_weight * (total / max(R * C, 1) if reduction == 'mean' else total)
-        if reduction == 'sum':
-            raise ValueError('avg_factor can not be used with reduction="sum"')
-        return self.loss_weight * normalise(total, avg_factor)
+        total = sigmoid_level_losses([pred.reshape(1, R * C, 1, 1)], [R],
+                                     target.clamp(min=0, max=C).view(1, R),
+                                     (weight * valid).view(1, R), scale,
+                                     *self._sigmoid_params())
+        return total[0]
 
 
 @MODELS.register_module()

@@ -13,107 +13,107 @@ Binary cross-entropy: gamma = 0, alpha_pos = alpha_neg = 1 (``CrossEntropyLoss``
 with ``use_sigmoid=True``).
 """
 
-import os
-import warnings
 from typing import List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..compile import MaybeCompiled
 
 _EAGER_CHUNK = 1 << 22  # elements per eager chunk: temporaries stay a few MB
 
 
+def _sigmoid_softplus(x: Tensor):
+    """sigmoid(x) and softplus(x) from one exp: e = exp(-|x|)."""
+    e = torch.exp(-x.abs())
+    inv = 1 / (1 + e)
+    p = torch.where(x >= 0, inv, e * inv)
+    sp = torch.clamp(x, min=0) + torch.log1p(e)
+    return p, sp
+
+
+def _pow(p: Tensor, gamma: float) -> Tensor:
+    return p * p if gamma == 2.0 else p.pow(gamma)
+
+
 def _neg_loss(x: Tensor, gamma: float, alpha_neg: float) -> Tensor:
-    p = torch.sigmoid(x)
-    return alpha_neg * p.pow(gamma) * F.softplus(x)
+    """Loss of a target-0 entry: alpha_neg * p**gamma * softplus(x)."""
+    p, sp = _sigmoid_softplus(x)
+    return alpha_neg * _pow(p, gamma) * sp
 
 
 def _neg_grad(x: Tensor, gamma: float, alpha_neg: float) -> Tensor:
-    p = torch.sigmoid(x)
-    return alpha_neg * p.pow(gamma) * (gamma * (1 - p) * F.softplus(x) + p)
+    """d/dx of ``_neg_loss``: alpha_neg * p**gamma * (gamma * (1 - p) * softplus(x) + p)."""
+    p, sp = _sigmoid_softplus(x)
+    return alpha_neg * _pow(p, gamma) * (gamma * (1 - p) * sp + p)
 
 
 def _pos_loss(x: Tensor, gamma: float, alpha_pos: float) -> Tensor:
-    q = torch.sigmoid(-x)
-    return alpha_pos * q.pow(gamma) * F.softplus(-x)
+    """Loss of a target-1 entry: alpha_pos * (1 - p)**gamma * softplus(-x)."""
+    q, sp = _sigmoid_softplus(-x)
+    return alpha_pos * _pow(q, gamma) * sp
 
 
 def _pos_grad(x: Tensor, gamma: float, alpha_pos: float) -> Tensor:
-    q = torch.sigmoid(-x)
-    return -alpha_pos * q.pow(gamma) * (gamma * (1 - q) * F.softplus(-x) + q)
+    """d/dx of ``_pos_loss``."""
+    q, sp = _sigmoid_softplus(-x)
+    return -alpha_pos * _pow(q, gamma) * (gamma * (1 - q) * sp + q)
 
 
-def _rowsum(x4: Tensor, gamma: float, alpha_neg: float) -> Tensor:
-    """(B, A, C, S) logits -> (B, A, S) sum over classes of the target-0 loss."""
-    return _neg_loss(x4, gamma, alpha_neg).sum(dim=2)
+def _loss_and_grad(x4: Tensor, coef4: Tensor, gamma: float,
+                   alpha_neg: float) -> Tuple[Tensor, Tensor]:
+    """One pass: weighted target-0 loss total and its gradient.
+
+    Args:
+        x4 (Tensor): (B, A, C, S) logits. coef4 (Tensor): (B, A, 1, S) per-anchor weight
+            times the loss scale.
+
+    Returns:
+        tuple[Tensor, Tensor]: () total of coef4 * loss; (B, A, C, S) its gradient.
+    """
+    p, sp = _sigmoid_softplus(x4)
+    pg = _pow(p, gamma)
+    total = (alpha_neg * pg * sp * coef4).sum()
+    grad = coef4 * (alpha_neg * pg * (gamma * (1 - p) * sp + p))
+    return total, grad
 
 
-def _grad(x4: Tensor, coef: Tensor, gamma: float, alpha_neg: float) -> Tensor:
-    """(B, A, C, S) logits, (B, A, 1, S) row coefficients -> (B, A, C, S) gradient."""
-    return coef * _neg_grad(x4, gamma, alpha_neg)
+def _loss_only(x4: Tensor, coef4: Tensor, gamma: float, alpha_neg: float) -> Tensor:
+    """() total of coef4 * target-0 loss, for calls that need no gradient."""
+    return (_neg_loss(x4, gamma, alpha_neg) * coef4).sum()
 
 
-def _eager_rowsum(x4: Tensor, gamma: float, alpha_neg: float) -> Tensor:
+def _chunks(x4: Tensor, coef4: Tensor):
+    """Split (B, A, C, S) and (B, A, 1, S) into aligned chunks of about _EAGER_CHUNK items."""
     B, A, C, S = x4.shape
-    flat = x4.reshape(B * A, C, S)
     step = max(1, _EAGER_CHUNK // max(1, C * S))
-    out = [_rowsum(c.unsqueeze(0), gamma, alpha_neg)[0] for c in flat.split(step)]
-    return torch.cat(out).view(B, A, S)
+    return zip(x4.reshape(1, B * A, C, S).split(step, dim=1),
+               coef4.reshape(1, B * A, 1, S).split(step, dim=1))
 
 
-def _eager_grad(x4: Tensor, coef: Tensor, gamma: float, alpha_neg: float) -> Tensor:
-    B, A, C, S = x4.shape
-    out = torch.empty_like(x4)
-    step = max(1, _EAGER_CHUNK // max(1, C * S))
-    for o, c, k in zip(out.view(B * A, C, S).split(step), x4.reshape(B * A, C, S).split(step),
-                       coef.reshape(B * A, 1, S).split(step)):
-        torch.mul(k, _neg_grad(c, gamma, alpha_neg), out=o)
-    return out
+def _eager_loss_and_grad(x4, coef4, gamma, alpha_neg):
+    grad = torch.empty_like(x4)
+    total = x4.new_zeros(())
+    outs = grad.view(1, -1, *x4.shape[2:]).split(max(1, _EAGER_CHUNK // max(
+        1, x4.shape[2] * x4.shape[3])), dim=1)
+    for out, (x, c) in zip(outs, _chunks(x4, coef4)):
+        t, g = _loss_and_grad(x, c, gamma, alpha_neg)
+        total = total + t
+        out.copy_(g)
+    return total, grad
+
+
+def _eager_loss_only(x4, coef4, gamma, alpha_neg):
+    return sum((_loss_only(x, c, gamma, alpha_neg) for x, c in _chunks(x4, coef4)),
+               x4.new_zeros(()))
 
 
 class _Kernels:
-    """Chooses compiled or eager kernels once per process.
-
-    ``MMDET_ANCHORLOSS_COMPILE``: ``auto`` (default: compile where a compiler works, else
-    eager), ``1`` (compile, raise if it fails), ``0`` (eager).
-    """
+    """The full-size kernels, compiled where possible (see ``..compile``)."""
 
     def __init__(self) -> None:
-        self.mode = os.environ.get('MMDET_ANCHORLOSS_COMPILE', 'auto').lower()
-        self._compiled = None
-        self.failed = False
-
-    def _get_compiled(self):
-        if self._compiled is None:
-            opts = dict(dynamic=True, fullgraph=True)
-            self._compiled = (torch.compile(_rowsum, **opts), torch.compile(_grad, **opts))
-        return self._compiled
-
-    def use_compiled(self, x: Tensor) -> bool:
-        if self.mode in ('0', 'false', 'off', 'eager') or self.failed:
-            return False
-        if torch.compiler.is_compiling():
-            return False
-        return True
-
-    def run(self, which: int, eager, *args):
-        if self.use_compiled(args[0]):
-            try:
-                return self._get_compiled()[which](*args)
-            except Exception as err:  # no C compiler / Triton: fall back, say so once
-                if self.mode in ('1', 'true', 'on'):
-                    raise
-                self.failed = True
-                warnings.warn(f'mmdet_anchorloss: torch.compile unavailable ({type(err).__name__}:'
-                              f' {str(err).splitlines()[0][:200]}); using eager kernels')
-        return eager(*args)
-
-    def rowsum(self, x4, gamma, alpha_neg):
-        return self.run(0, _eager_rowsum, x4, gamma, alpha_neg)
-
-    def grad(self, x4, coef, gamma, alpha_neg):
-        return self.run(1, _eager_grad, x4, coef, gamma, alpha_neg)
+        self.loss_and_grad = MaybeCompiled(_loss_and_grad, _eager_loss_and_grad)
+        self.loss_only = MaybeCompiled(_loss_only, _eager_loss_only)
 
 
 KERNELS = _Kernels()
@@ -125,9 +125,14 @@ def _as_4d(x: Tensor, num_base: int) -> Tensor:
     return x.contiguous().view(B, num_base, AC // num_base, H * W)
 
 
+def _anchor_layout(v: Tensor, shape) -> Tensor:
+    """(B, N_l) per-anchor values, anchors ordered (y, x, a) -> (B, A, 1, S)."""
+    B, A, _, S = shape
+    return v.reshape(B, S, A).transpose(1, 2).unsqueeze(2)
+
+
 def _positive_flat_index(labels: Tensor, level_sizes: Sequence[int],
-                         shapes: Sequence[Tuple[int, int, int, int]]) -> Tuple[Tensor, Tensor,
-                                                                                 Tensor, Tensor]:
+                         shapes: Sequence[Tuple[int, int, int, int]]):
     """Where the target-1 entries lie.
 
     Returns:
@@ -148,50 +153,6 @@ def _positive_flat_index(labels: Tensor, level_sizes: Sequence[int],
     return pos_b, pos_n, level, flat
 
 
-class SigmoidLevelsLoss(torch.autograd.Function):
-    """Row losses (B, N) of sigmoid focal / BCE over multi-level prediction maps."""
-
-    @staticmethod
-    def forward(ctx, labels: Tensor, weights: Tensor, params: Tuple[float, float, float],
-                num_base_priors: Sequence[int], *levels: Tensor) -> Tensor:
-        gamma, alpha_pos, alpha_neg = params
-        x4s = [_as_4d(x, a) for x, a in zip(levels, num_base_priors)]
-        shapes = [tuple(x.shape) for x in x4s]
-        level_sizes = [s[1] * s[3] for s in shapes]
-        # One fused kernel per level (levels differ in shape; no host sync between them).
-        rows = torch.cat([KERNELS.rowsum(x4, gamma, alpha_neg).transpose(1, 2).reshape(
-            x4.size(0), -1) for x4 in x4s], dim=1)
-        pos_b, pos_n, level, flat = _positive_flat_index(labels, level_sizes, shapes)
-        x_pos = _take_levels(x4s, level, flat)
-        rows = rows.float()
-        corr = _pos_loss(x_pos, gamma, alpha_pos) - _neg_loss(x_pos, gamma, alpha_neg)
-        rows.index_put_((pos_b, pos_n), corr.to(rows.dtype), accumulate=True)
-        ctx.save_for_backward(weights, pos_b, pos_n, level, flat, x_pos, *levels)
-        ctx.params = params
-        ctx.num_base_priors = list(num_base_priors)
-        ctx.level_sizes = level_sizes
-        return rows * weights
-
-    @staticmethod
-    def backward(ctx, grad_rows: Tensor):
-        weights, pos_b, pos_n, level, flat, x_pos, *levels = ctx.saved_tensors
-        gamma, alpha_pos, alpha_neg = ctx.params
-        coef = (grad_rows * weights).to(levels[0].dtype)  # (B, N)
-        grads = []
-        for lvl, (x, a, coef_l) in enumerate(
-                zip(levels, ctx.num_base_priors, coef.split(ctx.level_sizes, dim=1))):
-            x4 = _as_4d(x, a)
-            B, A, C, S = x4.shape
-            c4 = coef_l.reshape(B, S, A).transpose(1, 2).unsqueeze(2)  # (B, A, 1, S)
-            g = KERNELS.grad(x4, c4, gamma, alpha_neg).contiguous()
-            on_level = level == lvl
-            corr = (_pos_grad(x_pos, gamma, alpha_pos) - _neg_grad(x_pos, gamma, alpha_neg))
-            corr = corr * coef[pos_b, pos_n] * on_level
-            g.view(-1).index_put_((flat.where(on_level, 0),), corr.to(g.dtype), accumulate=True)
-            grads.append(g.view_as(x))
-        return (None, None, None, None, *grads)
-
-
 def _take_levels(x4s: List[Tensor], level: Tensor, flat: Tensor) -> Tensor:
     """x at ``flat`` of level ``level`` for each of P entries (no host sync)."""
     out = x4s[0].new_zeros(flat.shape)
@@ -201,20 +162,81 @@ def _take_levels(x4s: List[Tensor], level: Tensor, flat: Tensor) -> Tensor:
     return out
 
 
+class SigmoidLevelsLoss(torch.autograd.Function):
+    """Per-level totals (L,) of a scaled, weighted sigmoid focal / BCE loss.
+
+    The forward computes the loss and, when a gradient is needed, the gradient too, in the
+    same pass (the transcendental work is done once). The backward only scales it by the
+    incoming per-level gradient, and on CPU skips even that when it is exactly 1 (the
+    usual case: mmengine sums the loss terms).
+    """
+
+    @staticmethod
+    def forward(ctx, labels: Tensor, weights: Tensor, scale: Tensor,
+                params: Tuple[float, float, float], num_base_priors: Sequence[int],
+                *levels: Tensor) -> Tensor:
+        gamma, alpha_pos, alpha_neg = params
+        x4s = [_as_4d(x, a) for x, a in zip(levels, num_base_priors)]
+        shapes = [tuple(x.shape) for x in x4s]
+        level_sizes = [s[1] * s[3] for s in shapes]
+        coef = (weights * scale).to(levels[0].dtype)  # (B, N)
+        want_grad = any(ctx.needs_input_grad[5:])
+        totals, grads = [], []
+        # One fused kernel per level (levels differ in shape; no host sync between them).
+        for x4, c in zip(x4s, coef.split(level_sizes, dim=1)):
+            c4 = _anchor_layout(c, x4.shape).contiguous()  # so the gradient comes out contiguous
+            if want_grad:
+                total, grad = KERNELS.loss_and_grad(x4, c4, gamma, alpha_neg)
+                grads.append(grad.contiguous())  # a no-op unless the compiler chose strides
+            else:
+                total = KERNELS.loss_only(x4, c4, gamma, alpha_neg)
+            totals.append(total)
+        totals = torch.stack(totals).float()
+        # target-1 entries: swap the target-0 term for the target-1 term, on (P,) values
+        pos_b, pos_n, level, flat = _positive_flat_index(labels, level_sizes, shapes)
+        x_pos = _take_levels(x4s, level, flat)
+        c_pos = coef[pos_b, pos_n]
+        corr = (_pos_loss(x_pos, gamma, alpha_pos) - _neg_loss(x_pos, gamma, alpha_neg)) * c_pos
+        totals = totals.index_add(0, level, corr.float())
+        if want_grad:
+            g_corr = (_pos_grad(x_pos, gamma, alpha_pos) - _neg_grad(x_pos, gamma, alpha_neg))
+            g_corr = g_corr * c_pos
+            for lvl, g in enumerate(grads):
+                on = level == lvl
+                g.view(-1).index_put_((flat.where(on, 0),), (g_corr * on).to(g.dtype),
+                                      accumulate=True)
+            ctx.grads = [g.view_as(x) for g, x in zip(grads, levels)]
+        return totals
+
+    @staticmethod
+    def backward(ctx, grad_totals: Tensor):
+        grads = ctx.__dict__.pop('grads', None)  # handed over, so autograd can keep them
+        if grads is None:
+            raise RuntimeError('SigmoidLevelsLoss: backward through the same graph twice '
+                               '(retain_graph) is not supported')
+        if not (grad_totals.device.type == 'cpu' and bool((grad_totals == 1).all())):
+            grads = [g * s.to(g.dtype) for g, s in zip(grads, grad_totals)]
+        return (None, None, None, None, None, *grads)
+
+
 def sigmoid_level_losses(levels: Sequence[Tensor], num_base_priors: Sequence[int],
-                         labels: Tensor, weights: Tensor, gamma: float, alpha_pos: float,
-                         alpha_neg: float) -> Tensor:
-    """Weighted per-anchor sigmoid focal / BCE loss over multi-level maps.
+                         labels: Tensor, weights: Tensor, scale, gamma: float,
+                         alpha_pos: float, alpha_neg: float) -> Tensor:
+    """Sigmoid focal / BCE loss of multi-level maps, summed per level.
 
     Args:
         levels (Sequence[Tensor]): L maps (B, A_l * C, H_l, W_l) of logits.
         num_base_priors (Sequence[int]): A_l per level.
         labels (Tensor): (B, N) long in [0, C]; C is background (all targets 0).
         weights (Tensor): (B, N) float per-anchor weights.
+        scale (Tensor | float): multiplies every term, e.g. loss_weight / (avg_factor + eps).
 
     Returns:
-        Tensor: (B, N) float; row n of image b is weights[b, n] times the loss summed over
-        the C classes of anchor n (anchors ordered level, y, x, anchor, as upstream).
+        Tensor: (L,) float; entry l is scale * sum over anchors n of level l and classes c
+        of weights[b, n] * loss(x[b, n, c], target[b, n, c]) (anchors ordered level, y, x,
+        anchor, as upstream).
     """
-    return SigmoidLevelsLoss.apply(labels, weights.float(), (float(gamma), float(alpha_pos),
-                                   float(alpha_neg)), list(num_base_priors), *levels)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=labels.device)
+    return SigmoidLevelsLoss.apply(labels, weights.float(), scale,
+                                   (float(gamma), float(alpha_pos), float(alpha_neg)),
+                                   list(num_base_priors), *levels)

@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 import torch
-from mmdet.models.task_modules.assigners import MaxIoUAssigner
+from mmdet.models.task_modules.assigners import BboxOverlaps2D, MaxIoUAssigner
 from mmengine.structures import InstanceData
 
-from mmdet_anchorloss.assigners import BatchMaxIoUAssigner
+from mmdet_anchorloss.assigners import BatchMaxIoUAssigner, iou_kernels
 from mmdet_anchorloss.structures import BatchAssignResult, PaddedBoxes, pad_instances
 
 
@@ -83,16 +83,24 @@ def _random_case(G, N, B=2, seed=0):
     return a, inside, PaddedBoxes(g, torch.randint(0, 3, (B, G), generator=gen), mask)
 
 
+class _GenericIoU(BboxOverlaps2D):
+    """Not the default calculator: the assigner takes its generic (unfused) path."""
+
+
 @pytest.mark.parametrize('assign_all', [True, False])
-def test_chunked_equals_whole(assign_all):
+def test_chunked_compiled_and_generic_paths_agree(assign_all, monkeypatch):
     a, inside, gts = _random_case(G=40, N=3000)
     kw = dict(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.1, gt_max_assign_all=assign_all)
     whole = BatchMaxIoUAssigner(**kw).assign_batch(a, inside, gts)
-    chunked = BatchMaxIoUAssigner(max_chunk_elems=1000, max_keep_elems=0, **kw).assign_batch(
-        a, inside, gts
-    )
-    kept = BatchMaxIoUAssigner(max_chunk_elems=1000, **kw).assign_batch(a, inside, gts)
-    for res in (chunked, kept):
+    chunked = BatchMaxIoUAssigner(max_chunk_elems=1000, **kw).assign_batch(a, inside, gts)
+    generic = BatchMaxIoUAssigner(**kw)
+    generic.iou_calculator = _GenericIoU()
+    generic = generic.assign_batch(a, inside, gts)
+    for kernel in (iou_kernels.overlap_max, iou_kernels.low_quality_ties):
+        monkeypatch.setattr(kernel, 'mode', '1')
+    compiled = BatchMaxIoUAssigner(max_chunk_elems=1 << 14, **kw).assign_batch(a, inside, gts)
+    assert iou_kernels.overlap_max._compiled is not None
+    for res in (chunked, generic, compiled):
         assert torch.equal(whole.gt_inds, res.gt_inds)
         assert torch.equal(whole.max_overlaps, res.max_overlaps)
         assert torch.equal(whole.labels, res.labels)
@@ -101,7 +109,7 @@ def test_chunked_equals_whole(assign_all):
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from mmdet_anchorloss.assigners import BatchMaxIoUAssigner
+    from mmdet_anchorloss.assigners import BatchMaxIoUAssigner, iou_kernels
     from mmdet_anchorloss.structures import PaddedBoxes
     G, N = int(sys.argv[1]), int(sys.argv[2])
     gen = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ from helpers import (
 from mmdet.models.losses import CrossEntropyLoss, FocalLoss
 
 from mmdet_anchorloss.losses import FusedCrossEntropyLoss, FusedFocalLoss
+from mmdet_anchorloss.compile import MaybeCompiled
 from mmdet_anchorloss.losses import sigmoid_kernels
 
 
@@ -83,27 +84,40 @@ def test_eager_chunks_equal_whole(monkeypatch):
 @pytest.mark.parametrize('make_cfg', [retina_cfg, rpn_cfg], ids=['focal', 'sigmoid_ce'])
 def test_compiled_kernels_match_upstream(monkeypatch, make_cfg):
     """The torch.compile path (the default outside tests) against upstream."""
-    monkeypatch.setattr(sigmoid_kernels.KERNELS, 'mode', '1')  # compile, or raise
+    for kernel in (sigmoid_kernels.KERNELS.loss_and_grad,):
+        monkeypatch.setattr(kernel, 'mode', '1')  # compile, or raise
     cfg = make_cfg()
     upstream, plugin = build(cfg), build(to_plugin(cfg))
     batch = make_batch(upstream, 9, (5, 2), [(100, 120), (64, 90)])
     ref, ref_g = loss_and_grads(upstream, *batch)
     got, got_g = loss_and_grads(plugin, *batch)
-    assert sigmoid_kernels.KERNELS._compiled is not None and not sigmoid_kernels.KERNELS.failed
+    for kernel in (sigmoid_kernels.KERNELS.loss_and_grad,):
+        assert kernel._compiled is not None and not kernel.failed
     assert_losses_match(ref, got)
     assert_grads_match(ref_g, got_g)
 
 
 def test_compile_failure_falls_back_with_a_warning(monkeypatch):
-    kernels = sigmoid_kernels._Kernels()
-    kernels.mode = 'auto'
+    kernel = MaybeCompiled(sigmoid_kernels._loss_only)
+    kernel.mode = 'auto'
 
     def broken():
         raise RuntimeError('no compiler here')
 
-    monkeypatch.setattr(kernels, '_get_compiled', broken)
-    x = torch.randn(2, 3, 4, 5)
+    monkeypatch.setattr(kernel, 'compiled', broken)
+    x, c = torch.randn(2, 3, 4, 5), torch.rand(2, 3, 1, 5)
     with pytest.warns(UserWarning, match='using eager kernels'):
-        out = kernels.rowsum(x, 2.0, 0.75)
-    assert kernels.failed
-    torch.testing.assert_close(out, sigmoid_kernels._rowsum(x, 2.0, 0.75))
+        out = kernel(x, c, 2.0, 0.75)
+    assert kernel.failed
+    torch.testing.assert_close(out, sigmoid_kernels._loss_only(x, c, 2.0, 0.75))
+
+
+def test_no_grad_forward_and_grad_is_handed_over():
+    """Without grad the loss-only kernel runs; with grad the leaf receives our buffer."""
+    head = build(to_plugin(retina_cfg()))
+    cls, reg, gts, metas, ignore = make_batch(head, 1, (3,), [(100, 120)])
+    with torch.no_grad():
+        plain = head.loss_by_feat(cls, reg, gts, metas, ignore)
+    graded, grads = loss_and_grads(head, cls, reg, gts, metas, ignore)
+    assert_losses_match(plain, graded, rtol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads[:5])

@@ -1,0 +1,5 @@
+"""Dataset-side input checks."""
+
+from .checked_coco import CheckedCocoDataset, DroppedAnnotation
+
+__all__ = ['CheckedCocoDataset', 'DroppedAnnotation']

@@ -1,0 +1,112 @@
+"""Launch-time setup for ``tools/train.py`` and ``tools/test.py``.
+
+Distributed training and testing on machines without CUDA:
+mmengine 0.10.7's ``launcher='pytorch'`` calls ``torch.cuda.set_device`` unconditionally
+(which fails on a CPU-only torch) and wraps the model in DDP with ``device_ids=[local_rank]``
+(which DDP rejects for CPU modules). :func:`setup_cpu_distributed` prepares a config so that
+the same command line works there: it initialises the ``gloo`` process group itself from the
+``torchrun`` environment before the Runner is built (the Runner then skips its own
+``init_dist``), and asks for a DDP wrapper without device ids. With CUDA it does nothing and
+mmengine's own path runs unchanged.
+
+Launch with ``torchrun`` (``tools/dist_train.sh``), not ``torch.distributed.launch``.
+
+Also: :func:`check_amp_available` (a clear error for ``--amp`` without CUDA) and
+:func:`fix_ssd_head_predict` (mmdet 3.3.0's ``SSDHead`` cannot predict).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+
+__all__ = ['check_amp_available', 'fix_ssd_head_predict', 'setup_cpu_distributed']
+
+TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def setup_cpu_distributed(cfg: Config, launcher: str) -> bool:
+    """Make ``cfg`` runnable with ``launcher`` when CUDA is not available.
+
+    Args:
+        cfg: the full config; ``env_cfg.dist_cfg.backend`` and ``model_wrapper_cfg`` are
+            set in place when CPU distributed mode is set up.
+        launcher: the ``--launcher`` value: ``'none'``, ``'pytorch'``, ``'slurm'`` or
+            ``'mpi'``.
+
+    Returns:
+        bool: True when this call set up CPU distributed mode (gloo process group, DDP
+        without device ids); False when there is nothing to do (no launcher, or CUDA present).
+
+    Raises:
+        RuntimeError: for a launcher other than ``'pytorch'`` without CUDA, or when the
+            ``torchrun`` environment variables are missing.
+    """
+    if launcher == 'none' or torch.cuda.is_available():
+        return False
+    if launcher != 'pytorch':
+        raise RuntimeError(
+            f'Distributed launch without CUDA supports only --launcher pytorch (torchrun); '
+            f'got --launcher {launcher}.'
+        )
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f'--launcher pytorch needs the torchrun environment; {", ".join(missing)} not set. '
+            'Start the job with torchrun (see tools/dist_train.sh).'
+        )
+    env_cfg = cfg.setdefault('env_cfg', {})
+    dist_cfg = env_cfg.setdefault('dist_cfg', {})
+    dist_cfg['backend'] = 'gloo'
+    cfg.model_wrapper_cfg = _cpu_model_wrapper_cfg(cfg)
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    return True
+
+
+def _cpu_model_wrapper_cfg(cfg: Config) -> dict:
+    """The model wrapper config for CPU DDP: the config's own, or mmengine's default wrapper
+    (``broadcast_buffers=False``, ``find_unused_parameters`` from the config), with
+    ``device_ids=None``."""
+    wrapper_cfg = dict(cfg.get('model_wrapper_cfg') or {})
+    if not wrapper_cfg:
+        wrapper_cfg = dict(
+            broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False),
+        )
+    wrapper_cfg.setdefault('type', 'MMDistributedDataParallel')
+    wrapper_cfg['device_ids'] = None
+    return wrapper_cfg
+
+
+def check_amp_available() -> None:
+    """Fail early, with a clear message, when ``--amp`` cannot run on this machine.
+
+    mmengine's ``AmpOptimWrapper`` asserts a CUDA (or NPU/MLU/MUSA) device.
+
+    Raises:
+        RuntimeError: when CUDA is not available.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "--amp (automatic mixed precision) needs a CUDA device: mmengine's "
+            'AmpOptimWrapper does not run on CPU, and torch.cuda.is_available() is False here. '
+            'Run without --amp.'
+        )
+
+
+def fix_ssd_head_predict() -> None:
+    """Let mmdet 3.3.0's ``SSDHead`` (and subclasses) predict.
+
+    ``BaseDenseHead._predict_by_feat_single`` reads ``self.loss_cls.custom_cls_channels``,
+    but ``SSDHead`` never creates ``loss_cls`` (its loss is built in), so evaluation fails
+    with ``AttributeError: 'SSDHead' object has no attribute 'loss_cls'`` (mmdetection
+    issues 11063, 11305, 11780; fix proposed in PR 11524). A class-level ``loss_cls = None``
+    makes that check read False, as it does for every other head; the loss, which never uses
+    ``loss_cls``, is unchanged. Does nothing where ``SSDHead`` already has the attribute.
+    """
+    from mmdet.models.dense_heads import SSDHead
+
+    if 'loss_cls' not in vars(SSDHead):
+        SSDHead.loss_cls = None
