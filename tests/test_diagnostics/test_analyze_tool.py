@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("mmdet")
-Image = pytest.importorskip("PIL.Image")
+pytest.importorskip('mmdet')
+Image = pytest.importorskip('PIL.Image')
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "tools" / "analyze_assignments.py"
+TOOL = ROOT / 'tools' / 'analyze_assignments.py'
 
 # (image size, boxes x, y, w, h): one tiny box (no anchor of RetinaNet's sizes reaches IoU
 # 0.5 with it), medium and large boxes, a 64x64 and a 128x128 image.
@@ -70,16 +70,16 @@ model = dict(
 
 
 def write_dataset(root: Path) -> None:
-    (root / "images").mkdir(parents=True)
-    (root / "annotations").mkdir()
+    (root / 'images').mkdir(parents=True)
+    (root / 'annotations').mkdir()
     rng = np.random.default_rng(0)
     images, annotations = [], []
     for i, (size, boxes) in enumerate(IMAGES):
         pixels = rng.integers(40, 90, (size, size, 3), dtype=np.uint8)
         for x, y, w, h in boxes:
             pixels[y : y + h, x : x + w] = (200, 180, 60)
-        name = f"{i:03d}.png"
-        Image.fromarray(pixels).save(root / "images" / name)
+        name = f'{i:03d}.png'
+        Image.fromarray(pixels).save(root / 'images' / name)
         images.append(dict(id=i + 1, file_name=name, width=size, height=size))
         for j, (x, y, w, h) in enumerate(boxes):
             annotations.append(
@@ -92,75 +92,75 @@ def write_dataset(root: Path) -> None:
                     iscrowd=0,
                 )
             )
-    categories = [dict(id=1, name="box"), dict(id=2, name="bar")]
+    categories = [dict(id=1, name='box'), dict(id=2, name='bar')]
     coco = dict(images=images, annotations=annotations, categories=categories)
-    (root / "annotations" / "train.json").write_text(json.dumps(coco))
+    (root / 'annotations' / 'train.json').write_text(json.dumps(coco))
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("analyze_assignments", TOOL)
+    spec = importlib.util.spec_from_file_location('analyze_assignments', TOOL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def has_color(png: Path, rgb, tol: int = 40) -> bool:
-    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    pixels = np.asarray(Image.open(png).convert('RGB')).astype(int)
     return bool((np.abs(pixels - np.array(rgb)).max(axis=-1) <= tol).any())
 
 
 def test_tool_writes_every_file(tmp_path):
-    data_root = tmp_path / "data"
+    data_root = tmp_path / 'data'
     write_dataset(data_root)
-    config = tmp_path / "tiny_retina.py"
+    config = tmp_path / 'tiny_retina.py'
     config.write_text(CONFIG.format(root=str(data_root)))
-    out = tmp_path / "out"
+    out = tmp_path / 'out'
 
     summary = load_tool().main(
-        [str(config), "--num-images", "10", "--num-show", "2", "--out", str(out)]
+        [str(config), '--num-images', '10', '--num-show', '2', '--out', str(out)]
     )
 
     expected = [
-        "summary.md",
-        "summary.json",
-        "assignments_0.png",
-        "assignments_1.png",
-        "best_iou_hist.png",
-        "positives_per_level.png",
+        'summary.md',
+        'summary.json',
+        'assignments_0.png',
+        'assignments_1.png',
+        'best_iou_hist.png',
+        'positives_per_level.png',
     ]
     for name in expected:
         assert (out / name).is_file(), name
-    assert not (out / "assignments_2.png").exists()
-    on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["num_images"] == 4 and on_disk["num_gts"] == NUM_GTS
-    assert on_disk["anchors"]["positives"] == summary["anchors"]["positives"] > 0
-    assert len(on_disk["levels"]) == 5
-    assert on_disk["levels"][0]["name"] == "L0 (stride 8)"
+    assert not (out / 'assignments_2.png').exists()
+    on_disk = json.loads((out / 'summary.json').read_text())
+    assert on_disk['num_images'] == 4 and on_disk['num_gts'] == NUM_GTS
+    assert on_disk['anchors']['positives'] == summary['anchors']['positives'] > 0
+    assert len(on_disk['levels']) == 5
+    assert on_disk['levels'][0]['name'] == 'L0 (stride 8)'
     # 128x128 input, pad 32: 16x16, 8x8, 4x4, 2x2, 1x1 locations, 9 anchors each.
-    assert on_disk["setup"]["featmap_sizes_first_image"] == [
+    assert on_disk['setup']['featmap_sizes_first_image'] == [
         [16, 16],
         [8, 8],
         [4, 4],
         [2, 2],
         [1, 1],
     ]
-    assert on_disk["anchors"]["total_per_image"] == 9 * (256 + 64 + 16 + 4 + 1)
+    assert on_disk['anchors']['total_per_image'] == 9 * (256 + 64 + 16 + 4 + 1)
     # The 6x6 box of image 0 gets no positive with min_pos_iou=0.3: the smallest anchor
     # (32 px) has IoU <= 36 / 1024 with it. Image 1 is resized 64 -> 128, boxes doubled.
-    small = on_disk["gts_without_pos"]["by_size"]["small"]
-    assert small["without_pos"] >= 1 and on_disk["images"][0]["gts_without_pos"] == 1
-    assert sum(on_disk["pos_per_gt"]["histogram"].values()) == NUM_GTS
-    assert sum(on_disk["best_iou"]["histogram"]["counts"]) == NUM_GTS
-    assert sum(lv["positives"] for lv in on_disk["levels"]) == on_disk["anchors"]["positives"]
+    small = on_disk['gts_without_pos']['by_size']['small']
+    assert small['without_pos'] >= 1 and on_disk['images'][0]['gts_without_pos'] == 1
+    assert sum(on_disk['pos_per_gt']['histogram'].values()) == NUM_GTS
+    assert sum(on_disk['best_iou']['histogram']['counts']) == NUM_GTS
+    assert sum(lv['positives'] for lv in on_disk['levels']) == on_disk['anchors']['positives']
 
-    md = (out / "summary.md").read_text()
-    for heading in ("Positives per level", "Positives per gt", "no positive anchor", "best anchor"):
+    md = (out / 'summary.md').read_text()
+    for heading in ('Positives per level', 'Positives per gt', 'no positive anchor', 'best anchor'):
         assert heading in md
-    assert "L4 (stride 128)" in md
+    assert 'L4 (stride 128)' in md
 
     for name in expected[2:]:
-        pixels = np.asarray(Image.open(out / name).convert("RGB")).astype(float)
+        pixels = np.asarray(Image.open(out / name).convert('RGB')).astype(float)
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
         assert pixels.var() > 0, name
-    assert has_color(out / "assignments_0.png", (0, 255, 0))  # matched gts
-    assert has_color(out / "assignments_0.png", (255, 0, 0))  # the unmatched 6x6 box
+    assert has_color(out / 'assignments_0.png', (0, 255, 0))  # matched gts
+    assert has_color(out / 'assignments_0.png', (255, 0, 0))  # the unmatched 6x6 box

@@ -57,7 +57,7 @@ def test_per_image_stats_counts_and_shapes():
     assert st.pos_levels.tolist() == [0, 1]
     assert st.pos_gt.tolist() == [0, 1]
     # dtypes and shapes the docstring claims
-    for name in ("pos_per_level", "neg_per_level", "ignored_per_level", "num_inside_per_level"):
+    for name in ('pos_per_level', 'neg_per_level', 'ignored_per_level', 'num_inside_per_level'):
         assert getattr(st, name).shape == (3,) and getattr(st, name).dtype == torch.long
     assert st.pos_per_gt.shape == (4,) and st.best_iou.shape == (4,)
     assert st.pos_per_level_by_bucket.shape == (3, 3)
@@ -74,44 +74,44 @@ def test_per_image_stats_without_gts():
 
 
 def test_per_image_stats_rejects_mismatched_gt_inds():
-    with pytest.raises(ValueError, match=r"expected \(10,\)"):
+    with pytest.raises(ValueError, match=r'expected \(10,\)'):
         per_image_stats(ANCHORS, INSIDE, GT_INDS[:9], GTS)
 
 
 def test_summarize_counts_by_hand():
     empty = per_image_stats(ANCHORS, INSIDE, torch.zeros(10, dtype=torch.long), torch.zeros(0, 4))
-    summary = summarize([image_stats(), empty], level_names=["a", "b", "c"], pos_iou_thr=0.5)
-    assert summary["num_images"] == 2 and summary["num_gts"] == 4
-    anchors = summary["anchors"]
-    assert anchors["total_per_image"] == 11 and anchors["inside_per_image"] == 10
-    assert anchors["outside_per_image"] == 1
-    assert anchors["positives"] == 2 and anchors["positives_per_image"] == 1.0
-    assert anchors["negatives"] == 3 + 10 and anchors["ignored"] == 5
-    assert [lv["positives"] for lv in summary["levels"]] == [1, 1, 0]
-    assert [lv["positives_per_image"] for lv in summary["levels"]] == [0.5, 0.5, 0.0]
-    assert [lv["positive_share"] for lv in summary["levels"]] == [0.5, 0.5, 0.0]
-    assert [lv["gts_best_here"] for lv in summary["levels"]] == [2, 1, 0]
-    assert summary["levels"][0]["positives_by_size"] == {"small": 1, "medium": 0, "large": 0}
-    ppg = summary["pos_per_gt"]
-    assert (ppg["mean"], ppg["min"], ppg["max"]) == (0.5, 0, 1)
-    assert ppg["histogram"]["0"] == 2 and ppg["histogram"]["1"] == 2
-    assert sum(ppg["histogram"].values()) == 4
-    unmatched = summary["gts_without_pos"]
-    assert unmatched["total"] == 2 and unmatched["share"] == 0.5
-    assert unmatched["by_size"]["small"] == {
-        "num_gts": 3,
-        "without_pos": 1,
-        "share_without_pos": pytest.approx(1 / 3),
-        "mean_pos_per_gt": pytest.approx(2 / 3),
-        "mean_best_iou": pytest.approx((2 + 4 / 64) / 3, abs=1e-6),
+    summary = summarize([image_stats(), empty], level_names=['a', 'b', 'c'], pos_iou_thr=0.5)
+    assert summary['num_images'] == 2 and summary['num_gts'] == 4
+    anchors = summary['anchors']
+    assert anchors['total_per_image'] == 11 and anchors['inside_per_image'] == 10
+    assert anchors['outside_per_image'] == 1
+    assert anchors['positives'] == 2 and anchors['positives_per_image'] == 1.0
+    assert anchors['negatives'] == 3 + 10 and anchors['ignored'] == 5
+    assert [lv['positives'] for lv in summary['levels']] == [1, 1, 0]
+    assert [lv['positives_per_image'] for lv in summary['levels']] == [0.5, 0.5, 0.0]
+    assert [lv['positive_share'] for lv in summary['levels']] == [0.5, 0.5, 0.0]
+    assert [lv['gts_best_here'] for lv in summary['levels']] == [2, 1, 0]
+    assert summary['levels'][0]['positives_by_size'] == {'small': 1, 'medium': 0, 'large': 0}
+    ppg = summary['pos_per_gt']
+    assert (ppg['mean'], ppg['min'], ppg['max']) == (0.5, 0, 1)
+    assert ppg['histogram']['0'] == 2 and ppg['histogram']['1'] == 2
+    assert sum(ppg['histogram'].values()) == 4
+    unmatched = summary['gts_without_pos']
+    assert unmatched['total'] == 2 and unmatched['share'] == 0.5
+    assert unmatched['by_size']['small'] == {
+        'num_gts': 3,
+        'without_pos': 1,
+        'share_without_pos': pytest.approx(1 / 3),
+        'mean_pos_per_gt': pytest.approx(2 / 3),
+        'mean_best_iou': pytest.approx((2 + 4 / 64) / 3, abs=1e-6),
     }
-    assert unmatched["by_size"]["large"]["without_pos"] == 1
-    assert unmatched["by_size"]["medium"]["num_gts"] == 0
-    best = summary["best_iou"]
-    assert best["below_pos_iou_thr"] == 2 and best["share_below_pos_iou_thr"] == 0.5
-    assert best["quantiles"]["p0"] == 0.0 and best["quantiles"]["p100"] == pytest.approx(1.0)
-    assert best["quantiles"]["p50"] == pytest.approx((4 / 64 + 1) / 2, abs=1e-6)
-    counts = best["histogram"]["counts"]
+    assert unmatched['by_size']['large']['without_pos'] == 1
+    assert unmatched['by_size']['medium']['num_gts'] == 0
+    best = summary['best_iou']
+    assert best['below_pos_iou_thr'] == 2 and best['share_below_pos_iou_thr'] == 0.5
+    assert best['quantiles']['p0'] == 0.0 and best['quantiles']['p100'] == pytest.approx(1.0)
+    assert best['quantiles']['p50'] == pytest.approx((4 / 64 + 1) / 2, abs=1e-6)
+    counts = best['histogram']['counts']
     assert len(counts) == 20 and counts[0] == 1 and counts[1] == 1 and counts[-1] == 2
 
 
@@ -158,7 +158,7 @@ def test_batch_matches_per_image():
 
 
 def test_batch_assign_stats_rejects_wrong_width():
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match='expected'):
         batch_assign_stats(torch.zeros(2, 5, dtype=torch.long), [3, 3], torch.tensor([0, 0]))
 
 
@@ -178,5 +178,5 @@ def test_featmap_sizes_and_level_name():
         (1, 1),
     ]
     assert featmap_sizes((160, 192), [(8.0, 8.0), (128.0, 128.0)]) == [(20, 24), (2, 2)]
-    assert level_name(0, (8.0, 8.0)) == "L0 (stride 8)"
-    assert level_name(2, (8, 16)) == "L2 (stride 8x16)"
+    assert level_name(0, (8.0, 8.0)) == 'L0 (stride 8)'
+    assert level_name(2, (8, 16)) == 'L2 (stride 8x16)'
