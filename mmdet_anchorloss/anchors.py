@@ -26,26 +26,59 @@ class BatchAnchors(NamedTuple):
     level_ids: Tensor
 
 
-def _batch_valid_flags(prior_generator, featmap_sizes: Sequence[Tuple[int, int]],
-                       pad_shapes: Sequence[Tuple[int, int]], device) -> Tensor:
+class _Grid(NamedTuple):
+    """What does not change between iterations of one feature-map size (cached)."""
+
+    anchors: Tensor  # (N, 4)
+    level_sizes: List[int]
+    level_ids: Tensor  # (N,) long
+    ys: Tensor  # (N,) long, feature-map row of each anchor
+    xs: Tensor  # (N,) long, feature-map column of each anchor
+
+
+_CACHE_SIZE = 16
+
+
+def _grid(prior_generator, featmap_sizes: Sequence[Tuple[int, int]], device) -> _Grid:
+    """Anchors and their grid coordinates, cached on the generator per sizes and device."""
+    cache = prior_generator.__dict__.setdefault('_anchorloss_grid_cache', {})
+    key = (tuple(featmap_sizes), str(device))
+    if key not in cache:
+        multi_level = prior_generator.grid_priors(featmap_sizes, device=device)
+        level_sizes = [len(a) for a in multi_level]
+        ys, xs = [], []
+        for lvl, (feat_h, feat_w) in enumerate(featmap_sizes):
+            a = prior_generator.num_base_anchors[lvl]
+            idx = torch.arange(feat_h * feat_w * a, device=device) // a
+            ys.append(idx // feat_w)
+            xs.append(idx % feat_w)
+        level_ids = torch.repeat_interleave(torch.arange(len(level_sizes), device=device),
+                                            torch.tensor(level_sizes, device=device))
+        if len(cache) >= _CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = _Grid(get_box_tensor(cat_boxes(multi_level)), level_sizes, level_ids,
+                           torch.cat(ys), torch.cat(xs))
+    return cache[key]
+
+
+def _batch_valid_flags(prior_generator, grid: _Grid, featmap_sizes: Sequence[Tuple[int, int]],
+                       pad_shapes: Sequence[Tuple[int, int]]) -> Tensor:
     """Valid flags of every image, as ``AnchorGenerator.valid_flags`` computes them.
 
     Returns:
         Tensor: (B, N) bool.
     """
-    B = len(pad_shapes)
-    flags = []
-    for lvl, (feat_h, feat_w) in enumerate(featmap_sizes):
-        stride_w, stride_h = prior_generator.strides[lvl]
-        num_base = prior_generator.num_base_anchors[lvl]
-        # Host-side arithmetic on the metas, exactly as upstream (np.ceil of a true division).
-        valid_hw = torch.tensor(
-            [[min(int(math.ceil(h / stride_h)), feat_h), min(int(math.ceil(w / stride_w)), feat_w)]
-             for h, w in pad_shapes], device=device).view(B, 2, 1)
-        ys = torch.arange(feat_h, device=device).repeat_interleave(feat_w * num_base)
-        xs = torch.arange(feat_w, device=device).repeat_interleave(num_base).repeat(feat_h)
-        flags.append((ys[None] < valid_hw[:, 0]) & (xs[None] < valid_hw[:, 1]))
-    return torch.cat(flags, dim=1)
+    # Host-side arithmetic on the metas, exactly as upstream (np.ceil of a true division).
+    valid_h, valid_w = [], []
+    for h, w in pad_shapes:
+        valid_h.append([min(int(math.ceil(h / sh)), fh)
+                        for (_, sh), (fh, _) in zip(prior_generator.strides, featmap_sizes)])
+        valid_w.append([min(int(math.ceil(w / sw)), fw)
+                        for (sw, _), (_, fw) in zip(prior_generator.strides, featmap_sizes)])
+    device = grid.level_ids.device
+    valid_h = torch.tensor(valid_h, device=device)[:, grid.level_ids]
+    valid_w = torch.tensor(valid_w, device=device)[:, grid.level_ids]
+    return (grid.ys < valid_h) & (grid.xs < valid_w)
 
 
 def batch_anchors(prior_generator, featmap_sizes: Sequence[Tuple[int, int]],
@@ -65,12 +98,11 @@ def batch_anchors(prior_generator, featmap_sizes: Sequence[Tuple[int, int]],
         BatchAnchors: anchors (N, 4), inside (B, N), level sizes and ids.
     """
     featmap_sizes = [tuple(int(v) for v in s) for s in featmap_sizes]
-    multi_level = prior_generator.grid_priors(featmap_sizes, device=device)
-    level_sizes = [len(a) for a in multi_level]
-    anchors = get_box_tensor(cat_boxes(multi_level))
+    grid = _grid(prior_generator, featmap_sizes, device)
+    anchors = grid.anchors
     pad_shapes = [tuple(m['pad_shape'][:2]) for m in batch_img_metas]
     if type(prior_generator).valid_flags is AnchorGenerator.valid_flags:
-        valid = _batch_valid_flags(prior_generator, featmap_sizes, pad_shapes, device)
+        valid = _batch_valid_flags(prior_generator, grid, featmap_sizes, pad_shapes)
     else:  # a generator with its own valid_flags: ask it, image by image
         valid = torch.stack([torch.cat(prior_generator.valid_flags(featmap_sizes, s, device))
                              for s in pad_shapes])
@@ -83,7 +115,4 @@ def batch_anchors(prior_generator, featmap_sizes: Sequence[Tuple[int, int]],
             & (anchors[None, :, 1] >= -allowed_border) \
             & (anchors[None, :, 2] < img_w + allowed_border) \
             & (anchors[None, :, 3] < img_h + allowed_border)
-    level_ids = torch.repeat_interleave(
-        torch.arange(len(level_sizes), device=device),
-        torch.tensor(level_sizes, device=device))
-    return BatchAnchors(anchors, inside, level_sizes, level_ids)
+    return BatchAnchors(anchors, inside, grid.level_sizes, grid.level_ids)

@@ -10,7 +10,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
-from .iou_kernels import low_quality_ties, overlap_max
+from .iou_kernels import low_quality_ties, overlap_max, paired_ties
 
 NEGATIVE = 0
 IGNORED = -1
@@ -103,10 +103,8 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         if self.match_low_quality:
             eligible = (gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
             if self.gt_max_assign_all:
-                low = torch.cat([
-                    ties(gts.bboxes, gt_mask, anchors[s:e], inside[:, s:e],
-                         None if ignored is None else ignored[:, s:e], gt_max, eligible)
-                    for s, e in bounds], dim=1)
+                low = self._tied_anchors(anchors, gts, ignored, max_ov, gt_max, eligible, ties,
+                                         inside, bounds)
             else:  # each gt claims its first best anchor; later gts overwrite earlier ones
                 low = torch.zeros(B, N, dtype=torch.long, device=device)
                 gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
@@ -121,6 +119,33 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         labels = torch.gather(gts.labels, 1, (gt_inds - 1).clamp(min=0))
         labels = torch.where(gt_inds > 0, labels, -1)
         return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
+
+    def _tied_anchors(self, anchors, gts, ignored, max_ov, gt_max, eligible, ties, inside,
+                      bounds) -> Tensor:
+        """(B, N) long: 1 + the highest gt index whose best IoU the anchor ties, else 0.
+
+        An anchor ties gt g only if its own best IoU is >= gt_max[g], so only anchors with
+        max_ov >= the smallest eligible gt_max of their image are candidates; their IoUs
+        are recomputed pairwise (bitwise the same values). When candidates are most
+        anchors (e.g. a gt with best IoU 0 and min_pos_iou=0), or the IoU calculator is not
+        the default one, the chunked pass over all anchors is used.
+        """
+        B, N = max_ov.shape
+        G = gt_max.size(1)
+        thr = torch.where(eligible, gt_max, float('inf')).amin(dim=1, keepdim=True)
+        cand_b, cand_n = ((max_ov >= thr) & inside).nonzero(as_tuple=True)
+        if ties is not low_quality_ties or len(cand_b) * 4 > B * N:
+            return torch.cat([
+                ties(gts.bboxes, gts.mask, anchors[s:e], inside[:, s:e],
+                     None if ignored is None else ignored[:, s:e], gt_max, eligible)
+                for s, e in bounds], dim=1)
+        low = torch.zeros(B, N, dtype=torch.long, device=max_ov.device)
+        step = max(1, self.max_chunk_elems // max(1, G))
+        for s in range(0, len(cand_b), step):
+            b, n = cand_b[s:s + step], cand_n[s:s + step]
+            low[b, n] = paired_ties(gts.bboxes, gts.mask, gt_max, eligible, anchors, ignored,
+                                    b, n)
+        return low
 
     def _kernels(self):
         """Fused IoU kernels for the default ``BboxOverlaps2D``; else the configured one."""

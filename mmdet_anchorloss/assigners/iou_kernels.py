@@ -16,6 +16,17 @@ from ..compile import MaybeCompiled
 EPS = 1e-6  # bbox_overlaps' default
 
 
+def iou(g: Tensor, a: Tensor) -> Tensor:
+    """IoU of broadcastable boxes (..., 4), with ``bbox_overlaps``'s operations in its order."""
+    area_g = (g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    w = torch.minimum(g[..., 2], a[..., 2]) - torch.maximum(g[..., 0], a[..., 0])
+    h = torch.minimum(g[..., 3], a[..., 3]) - torch.maximum(g[..., 1], a[..., 1])
+    overlap = w.clamp(min=0) * h.clamp(min=0)
+    union = (area_g + area_a) - overlap
+    return overlap / union.clamp(min=EPS)
+
+
 def masked_iou(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor,
                ignored: Optional[Tensor]) -> Tensor:
     """IoU (B, G, n) as upstream computes it; padding gts / outside anchors -inf, ignored -1.
@@ -25,18 +36,11 @@ def masked_iou(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor,
         anchors (Tensor): (n, 4). inside (Tensor): (B, n) bool.
         ignored (Tensor, optional): (B, n) bool, anchors covered by an ignore box.
     """
-    area_g = (gts[..., 2] - gts[..., 0]) * (gts[..., 3] - gts[..., 1])
-    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-    g = gts[..., None, :]
-    w = (torch.minimum(g[..., 2], anchors[:, 2]) - torch.maximum(g[..., 0], anchors[:, 0]))
-    h = (torch.minimum(g[..., 3], anchors[:, 3]) - torch.maximum(g[..., 1], anchors[:, 1]))
-    overlap = w.clamp(min=0) * h.clamp(min=0)
-    union = (area_g[..., None] + area_a) - overlap
-    iou = overlap / union.clamp(min=EPS)
+    ov = iou(gts[:, :, None, :], anchors)
     if ignored is not None:
-        iou = torch.where(ignored[:, None, :], -1.0, iou)
+        ov = torch.where(ignored[:, None, :], -1.0, ov)
     valid = gt_mask[:, :, None] & inside[:, None, :]
-    return torch.where(valid, iou, float('-inf'))
+    return torch.where(valid, ov, float('-inf'))
 
 
 def _overlap_max(gts, gt_mask, anchors, inside, ignored) -> Tuple[Tensor, ...]:
@@ -54,8 +58,22 @@ def _low_quality_ties(gts, gt_mask, anchors, inside, ignored, gt_max, eligible) 
     return torch.where(tie, gt_ids, 0).amax(dim=1)
 
 
+def _paired_ties(gts, gt_mask, gt_max, eligible, anchors, ignored, cand_b, cand_n) -> Tensor:
+    """``_low_quality_ties`` for K (image, anchor) candidates only: (K,) long."""
+    ov = iou(gts[cand_b], anchors[cand_n][:, None, :])  # (K, G)
+    if ignored is not None:
+        ov = torch.where(ignored[cand_b, cand_n][:, None], -1.0, ov)
+    ov = torch.where(gt_mask[cand_b], ov, float('-inf'))
+    tie = (ov == gt_max[cand_b]) & eligible[cand_b]
+    gt_ids = torch.arange(1, gts.size(1) + 1, device=gts.device)
+    return torch.where(tie, gt_ids, 0).amax(dim=1)
+
+
 overlap_max = MaybeCompiled(_overlap_max, cpu_only=True)
 """(B, n) max IoU and argmax gt per anchor; (B, G) max IoU and argmax anchor per gt."""
 
 low_quality_ties = MaybeCompiled(_low_quality_ties, cpu_only=True)
 """(B, n) long: 1 + highest gt index whose best IoU this anchor ties (0 if none)."""
+
+paired_ties = MaybeCompiled(_paired_ties, cpu_only=True)
+"""``low_quality_ties`` restricted to (K,) candidate (image, anchor) pairs."""
