@@ -19,11 +19,25 @@ __version__ = '0.1.0'
 register_safe_checkpoint_globals()  # torch>=2.6 weights_only resume, see engine/checkpoint.py
 
 REGISTERED = {
-    'MODELS': ['AnchorLossHead', 'AnchorLossRetinaHead', 'AnchorLossRPNHead',
-               'AnchorLossSSDHead', 'FusedFocalLoss', 'FusedCrossEntropyLoss'],
+    'MODELS': [
+        'AnchorLossHead',
+        'AnchorLossRetinaHead',
+        'AnchorLossRPNHead',
+        'AnchorLossSSDHead',
+        'FusedFocalLoss',
+        'FusedCrossEntropyLoss',
+    ],
     'TASK_UTILS': ['BatchMaxIoUAssigner', 'BatchDeltaXYWHBBoxCoder'],
 }
 
-__all__ = ['AnchorLossHead', 'AnchorLossRetinaHead', 'AnchorLossRPNHead', 'AnchorLossSSDHead',
-           'BatchDeltaXYWHBBoxCoder', 'BatchMaxIoUAssigner', 'FusedCrossEntropyLoss',
-           'FusedFocalLoss', 'REGISTERED']
+__all__ = [
+    'AnchorLossHead',
+    'AnchorLossRetinaHead',
+    'AnchorLossRPNHead',
+    'AnchorLossSSDHead',
+    'BatchDeltaXYWHBBoxCoder',
+    'BatchMaxIoUAssigner',
+    'FusedCrossEntropyLoss',
+    'FusedFocalLoss',
+    'REGISTERED',
+]

@@ -52,17 +52,27 @@ def _grid(prior_generator, featmap_sizes: Sequence[Tuple[int, int]], device) -> 
             idx = torch.arange(feat_h * feat_w * a, device=device) // a
             ys.append(idx // feat_w)
             xs.append(idx % feat_w)
-        level_ids = torch.repeat_interleave(torch.arange(len(level_sizes), device=device),
-                                            torch.tensor(level_sizes, device=device))
+        level_ids = torch.repeat_interleave(
+            torch.arange(len(level_sizes), device=device), torch.tensor(level_sizes, device=device)
+        )
         if len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))
-        cache[key] = _Grid(get_box_tensor(cat_boxes(multi_level)), level_sizes, level_ids,
-                           torch.cat(ys), torch.cat(xs))
+        cache[key] = _Grid(
+            get_box_tensor(cat_boxes(multi_level)),
+            level_sizes,
+            level_ids,
+            torch.cat(ys),
+            torch.cat(xs),
+        )
     return cache[key]
 
 
-def _batch_valid_flags(prior_generator, grid: _Grid, featmap_sizes: Sequence[Tuple[int, int]],
-                       pad_shapes: Sequence[Tuple[int, int]]) -> Tensor:
+def _batch_valid_flags(
+    prior_generator,
+    grid: _Grid,
+    featmap_sizes: Sequence[Tuple[int, int]],
+    pad_shapes: Sequence[Tuple[int, int]],
+) -> Tensor:
     """Valid flags of every image, as ``AnchorGenerator.valid_flags`` computes them.
 
     Returns:
@@ -71,19 +81,31 @@ def _batch_valid_flags(prior_generator, grid: _Grid, featmap_sizes: Sequence[Tup
     # Host-side arithmetic on the metas, exactly as upstream (np.ceil of a true division).
     valid_h, valid_w = [], []
     for h, w in pad_shapes:
-        valid_h.append([min(int(math.ceil(h / sh)), fh)
-                        for (_, sh), (fh, _) in zip(prior_generator.strides, featmap_sizes)])
-        valid_w.append([min(int(math.ceil(w / sw)), fw)
-                        for (sw, _), (_, fw) in zip(prior_generator.strides, featmap_sizes)])
+        valid_h.append(
+            [
+                min(int(math.ceil(h / sh)), fh)
+                for (_, sh), (fh, _) in zip(prior_generator.strides, featmap_sizes)
+            ]
+        )
+        valid_w.append(
+            [
+                min(int(math.ceil(w / sw)), fw)
+                for (sw, _), (_, fw) in zip(prior_generator.strides, featmap_sizes)
+            ]
+        )
     device = grid.level_ids.device
     valid_h = torch.tensor(valid_h, device=device)[:, grid.level_ids]
     valid_w = torch.tensor(valid_w, device=device)[:, grid.level_ids]
     return (grid.ys < valid_h) & (grid.xs < valid_w)
 
 
-def batch_anchors(prior_generator, featmap_sizes: Sequence[Tuple[int, int]],
-                  batch_img_metas: Sequence[dict], allowed_border: float,
-                  device) -> BatchAnchors:
+def batch_anchors(
+    prior_generator,
+    featmap_sizes: Sequence[Tuple[int, int]],
+    batch_img_metas: Sequence[dict],
+    allowed_border: float,
+    device,
+) -> BatchAnchors:
     """Generate the anchors once and the inside flags of every image.
 
     Args:
@@ -104,15 +126,20 @@ def batch_anchors(prior_generator, featmap_sizes: Sequence[Tuple[int, int]],
     if type(prior_generator).valid_flags is AnchorGenerator.valid_flags:
         valid = _batch_valid_flags(prior_generator, grid, featmap_sizes, pad_shapes)
     else:  # a generator with its own valid_flags: ask it, image by image
-        valid = torch.stack([torch.cat(prior_generator.valid_flags(featmap_sizes, s, device))
-                             for s in pad_shapes])
+        valid = torch.stack(
+            [torch.cat(prior_generator.valid_flags(featmap_sizes, s, device)) for s in pad_shapes]
+        )
     inside = valid
     if allowed_border >= 0:
-        img_hw = torch.tensor([list(m['img_shape'][:2]) for m in batch_img_metas],
-                              dtype=anchors.dtype, device=device)
+        img_hw = torch.tensor(
+            [list(m['img_shape'][:2]) for m in batch_img_metas], dtype=anchors.dtype, device=device
+        )
         img_h, img_w = img_hw[:, :1], img_hw[:, 1:]
-        inside = valid & (anchors[None, :, 0] >= -allowed_border) \
-            & (anchors[None, :, 1] >= -allowed_border) \
-            & (anchors[None, :, 2] < img_w + allowed_border) \
+        inside = (
+            valid
+            & (anchors[None, :, 0] >= -allowed_border)
+            & (anchors[None, :, 1] >= -allowed_border)
+            & (anchors[None, :, 2] < img_w + allowed_border)
             & (anchors[None, :, 3] < img_h + allowed_border)
+        )
     return BatchAnchors(anchors, inside, grid.level_sizes, grid.level_ids)

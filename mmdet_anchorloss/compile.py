@@ -30,8 +30,9 @@ class MaybeCompiled:
             while GPU code generation may contract a*b+c into an FMA.
     """
 
-    def __init__(self, fn: Callable, eager: Optional[Callable] = None,
-                 cpu_only: bool = False) -> None:
+    def __init__(
+        self, fn: Callable, eager: Optional[Callable] = None, cpu_only: bool = False
+    ) -> None:
         self.fn = fn
         self.eager = eager or fn
         self.cpu_only = cpu_only
@@ -59,7 +60,10 @@ class MaybeCompiled:
                     raise
                 self.failed = True
                 first = str(err).splitlines()[0][:200] if str(err) else ''
-                warnings.warn(f'mmdet_anchorloss: torch.compile unavailable for '
-                              f'{self.fn.__name__} ({type(err).__name__}: {first}); '
-                              'using eager kernels')
+                warnings.warn(
+                    f'mmdet_anchorloss: torch.compile unavailable for '
+                    f'{self.fn.__name__} ({type(err).__name__}: {first}); '
+                    'using eager kernels',
+                    stacklevel=2,
+                )
         return self.eager(*args)

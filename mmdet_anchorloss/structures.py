@@ -27,8 +27,9 @@ class PaddedBoxes(NamedTuple):
         return self.mask.sum(dim=1)
 
 
-def pad_instances(instances: Sequence[Optional[InstanceData]], device: torch.device,
-                  with_labels: bool = True) -> PaddedBoxes:
+def pad_instances(
+    instances: Sequence[Optional[InstanceData]], device: torch.device, with_labels: bool = True
+) -> PaddedBoxes:
     """Pad per-image ``InstanceData`` (``bboxes``, ``labels``) to one batch.
 
     Args:
@@ -59,9 +60,9 @@ def pad_instances(instances: Sequence[Optional[InstanceData]], device: torch.dev
     out_labels = torch.full((B, num), -1, dtype=torch.long, device=device)
     mask = torch.zeros(B, num, dtype=torch.bool, device=device)
     for i, (b, lab) in enumerate(zip(boxes, labels)):  # host-side packing of the inputs
-        out_boxes[i, :len(b)] = b
-        out_labels[i, :len(b)] = lab
-        mask[i, :len(b)] = True
+        out_boxes[i, : len(b)] = b
+        out_labels[i, : len(b)] = lab
+        mask[i, : len(b)] = True
     return PaddedBoxes(out_boxes, out_labels, mask)
 
 

@@ -13,16 +13,20 @@ from .assigners.batch_max_iou_assigner import assign_result_of
 from .structures import BatchAssignResult, PaddedBoxes, SampledTargets
 
 
-def assign_batch(assigner, anchors: BatchAnchors, gts: PaddedBoxes,
-                 ignore: Optional[PaddedBoxes], batch_gt_instances: Sequence[InstanceData],
-                 batch_gt_instances_ignore: Optional[Sequence]) -> BatchAssignResult:
+def assign_batch(
+    assigner,
+    anchors: BatchAnchors,
+    gts: PaddedBoxes,
+    ignore: Optional[PaddedBoxes],
+    batch_gt_instances: Sequence[InstanceData],
+    batch_gt_instances_ignore: Optional[Sequence],
+) -> BatchAssignResult:
     """Assign with ``assigner.assign_batch`` when it has one, else image by image.
 
     The fallback keeps any mmdet assigner usable (e.g. upstream ``MaxIoUAssigner``): it
     runs ``assign`` on each image's inside anchors and scatters the result back.
     """
-    if hasattr(assigner, 'assign_batch') and getattr(assigner, 'perm_repeat_gt_cfg', None) \
-            is None:
+    if hasattr(assigner, 'assign_batch') and getattr(assigner, 'perm_repeat_gt_cfg', None) is None:
         return assigner.assign_batch(anchors.anchors, anchors.inside, gts, ignore)
     B, N = anchors.inside.shape
     device = anchors.anchors.device
@@ -31,16 +35,23 @@ def assign_batch(assigner, anchors: BatchAnchors, gts: PaddedBoxes,
     labels = torch.full((B, N), -1, dtype=torch.long, device=device)
     for i in range(B):  # fallback for assigners without a batched form
         keep = anchors.inside[i]
-        res = assigner.assign(InstanceData(priors=anchors.anchors[keep]), batch_gt_instances[i],
-                              batch_gt_instances_ignore[i] if batch_gt_instances_ignore else None)
+        res = assigner.assign(
+            InstanceData(priors=anchors.anchors[keep]),
+            batch_gt_instances[i],
+            batch_gt_instances_ignore[i] if batch_gt_instances_ignore else None,
+        )
         gt_inds[i, keep] = res.gt_inds
         max_ov[i, keep] = res.max_overlaps.to(max_ov.dtype)
         labels[i, keep] = res.labels
     return BatchAssignResult(gt_inds, max_ov, labels, gts.num_gts)
 
 
-def sample_batch(sampler, assign: BatchAssignResult, anchors: BatchAnchors,
-                 batch_gt_instances: Sequence[InstanceData]):
+def sample_batch(
+    sampler,
+    assign: BatchAssignResult,
+    anchors: BatchAnchors,
+    batch_gt_instances: Sequence[InstanceData],
+):
     """Sampled positive / negative masks (B, N) and the avg_factor (0-d tensor).
 
     ``PseudoSampler`` is batched (every positive and negative; avg_factor counts
@@ -58,17 +69,24 @@ def sample_batch(sampler, assign: BatchAssignResult, anchors: BatchAnchors,
     total = 0
     for i in range(B):  # RandomSampler draws per image, in upstream's order
         res, keep = assign_result_of(assign, i, anchors.inside)
-        sampling = sampler.sample(res, InstanceData(priors=anchors.anchors[keep]),
-                                  batch_gt_instances[i])
+        sampling = sampler.sample(
+            res, InstanceData(priors=anchors.anchors[keep]), batch_gt_instances[i]
+        )
         pos[i, keep[sampling.pos_inds]] = True
         neg[i, keep[sampling.neg_inds]] = True
         total += sampling.avg_factor
     return pos, neg, torch.tensor(float(total), device=pos.device)
 
 
-def build_targets(head, anchors: BatchAnchors, gts: PaddedBoxes,
-                  assign: BatchAssignResult, pos: Tensor, neg: Tensor,
-                  avg_factor: Tensor) -> SampledTargets:
+def build_targets(
+    head,
+    anchors: BatchAnchors,
+    gts: PaddedBoxes,
+    assign: BatchAssignResult,
+    pos: Tensor,
+    neg: Tensor,
+    avg_factor: Tensor,
+) -> SampledTargets:
     """Labels, weights and encoded box targets, as upstream ``_get_targets_single``.
 
     Args:
@@ -79,16 +97,18 @@ def build_targets(head, anchors: BatchAnchors, gts: PaddedBoxes,
     B, N = pos.shape
     labels = torch.where(pos, assign.labels, head.num_classes)
     pos_weight = head.train_cfg['pos_weight']
-    label_weights = torch.where(pos, pos_weight if pos_weight > 0 else 1.0,
-                                torch.where(neg, 1.0, 0.0)).float()
+    label_weights = torch.where(
+        pos, pos_weight if pos_weight > 0 else 1.0, torch.where(neg, 1.0, 0.0)
+    ).float()
     pos_b, pos_n = pos.nonzero(as_tuple=True)  # the one host sync of the target step
     pos_gt = gts.bboxes[pos_b, assign.gt_inds[pos_b, pos_n] - 1]
     if head.reg_decoded_bbox:
         pos_targets = pos_gt
     else:
         pos_targets = get_box_tensor(head.bbox_coder.encode(anchors.anchors[pos_n], pos_gt))
-    return SampledTargets(labels, label_weights, pos, neg, pos_b, pos_n, pos_gt, pos_targets,
-                          avg_factor, assign)
+    return SampledTargets(
+        labels, label_weights, pos, neg, pos_b, pos_n, pos_gt, pos_targets, avg_factor, assign
+    )
 
 
 def levels_to_rows(maps: List[Tensor], channels: int) -> Tensor:

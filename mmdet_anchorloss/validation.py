@@ -15,28 +15,41 @@ from .structures import PaddedBoxes
 def describe_image(index: int, metas: Sequence[dict]) -> str:
     """Human-readable name of image ``index`` of the batch, with its id and path if known."""
     meta = metas[index] if index < len(metas) else {}
-    known = ', '.join(f'{key}={meta[key]}' for key in ('img_id', 'img_path')
-                      if meta.get(key) is not None)
+    known = ', '.join(
+        f'{key}={meta[key]}' for key in ('img_id', 'img_path') if meta.get(key) is not None
+    )
     return f'image {index} of the batch' + (f' ({known})' if known else '')
 
 
-def check_batch_lengths(batch_gt_instances: Sequence, batch_img_metas: Sequence[dict],
-                        batch_gt_instances_ignore: Optional[Sequence] = None) -> None:
+def check_batch_lengths(
+    batch_gt_instances: Sequence,
+    batch_img_metas: Sequence[dict],
+    batch_gt_instances_ignore: Optional[Sequence] = None,
+) -> None:
     """The per-image lists of a batch must agree in length."""
     if len(batch_gt_instances) != len(batch_img_metas):
         raise ValueError(
             f'batch_gt_instances has {len(batch_gt_instances)} entries but batch_img_metas '
-            f'has {len(batch_img_metas)}: they must describe the same images')
-    if batch_gt_instances_ignore is not None and \
-            len(batch_gt_instances_ignore) != len(batch_img_metas):
+            f'has {len(batch_img_metas)}: they must describe the same images'
+        )
+    if batch_gt_instances_ignore is not None and len(batch_gt_instances_ignore) != len(
+        batch_img_metas
+    ):
         raise ValueError(
             f'batch_gt_instances_ignore has {len(batch_gt_instances_ignore)} entries but '
-            f'batch_img_metas has {len(batch_img_metas)}')
+            f'batch_img_metas has {len(batch_img_metas)}'
+        )
 
 
-def check_predictions(cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor],
-                      num_levels: int, num_base_priors: Sequence[int], cls_out_channels: int,
-                      box_dim: int, batch_size: int) -> None:
+def check_predictions(
+    cls_scores: Sequence[Tensor],
+    bbox_preds: Sequence[Tensor],
+    num_levels: int,
+    num_base_priors: Sequence[int],
+    cls_out_channels: int,
+    box_dim: int,
+    batch_size: int,
+) -> None:
     """Prediction maps must match the anchor generator level by level.
 
     Args:
@@ -46,7 +59,8 @@ def check_predictions(cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor]
     if len(cls_scores) != num_levels or len(bbox_preds) != num_levels:
         raise ValueError(
             f'the anchor generator has {num_levels} levels but got {len(cls_scores)} '
-            f'cls_scores and {len(bbox_preds)} bbox_preds maps')
+            f'cls_scores and {len(bbox_preds)} bbox_preds maps'
+        )
     for lvl, (cls, reg) in enumerate(zip(cls_scores, bbox_preds)):
         a = num_base_priors[lvl]
         want_cls = (batch_size, a * cls_out_channels)
@@ -55,19 +69,21 @@ def check_predictions(cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor]
             raise ValueError(
                 f'level {lvl}: cls_score has shape {tuple(cls.shape)}, expected '
                 f'({batch_size}, {a}*{cls_out_channels}, H, W) for {batch_size} images, '
-                f'{a} anchors per location and {cls_out_channels} class channels')
+                f'{a} anchors per location and {cls_out_channels} class channels'
+            )
         if reg.dim() != 4 or tuple(reg.shape[:2]) != want_reg:
             raise ValueError(
                 f'level {lvl}: bbox_pred has shape {tuple(reg.shape)}, expected '
-                f'({batch_size}, {a}*{box_dim}, H, W)')
+                f'({batch_size}, {a}*{box_dim}, H, W)'
+            )
         if cls.shape[-2:] != reg.shape[-2:]:
             raise ValueError(
                 f'level {lvl}: cls_score is {tuple(cls.shape[-2:])} (H, W) but bbox_pred is '
-                f'{tuple(reg.shape[-2:])}')
+                f'{tuple(reg.shape[-2:])}'
+            )
 
 
-def check_gts(gts: PaddedBoxes, num_classes: int, metas: Sequence[dict],
-              what: str = 'gt') -> None:
+def check_gts(gts: PaddedBoxes, num_classes: int, metas: Sequence[dict], what: str = 'gt') -> None:
     """Boxes must be finite with x2 >= x1, y2 >= y1; labels in [0, num_classes).
 
     One host sync for the batch; the message names the first bad box.
@@ -75,8 +91,11 @@ def check_gts(gts: PaddedBoxes, num_classes: int, metas: Sequence[dict],
     b = gts.bboxes
     bad_value = ~torch.isfinite(b).all(dim=-1)
     bad_order = (b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1])
-    bad_label = (gts.labels < 0) | (gts.labels >= num_classes) if num_classes > 0 \
+    bad_label = (
+        (gts.labels < 0) | (gts.labels >= num_classes)
+        if num_classes > 0
         else torch.zeros_like(bad_order)
+    )
     bad = (bad_value | bad_order | bad_label) & gts.mask
     if not bool(bad.any()):
         return
@@ -88,8 +107,10 @@ def check_gts(gts: PaddedBoxes, num_classes: int, metas: Sequence[dict],
     elif bool(bad_order[img, box]):
         problem = 'has x2 < x1 or y2 < y1 (boxes are x1, y1, x2, y2)'
     else:
-        problem = (f'has label {int(gts.labels[img, box])}, outside [0, {num_classes}) '
-                   f'for num_classes={num_classes}')
+        problem = (
+            f'has label {int(gts.labels[img, box])}, outside [0, {num_classes}) '
+            f'for num_classes={num_classes}'
+        )
     count = int(bad.sum())
     more = f'; {count - 1} more bad box(es) in the batch' if count > 1 else ''
     raise ValueError(f'invalid ground truth: {where} {problem}{more}')
@@ -97,8 +118,9 @@ def check_gts(gts: PaddedBoxes, num_classes: int, metas: Sequence[dict],
 
 def check_finite_predictions(cls_scores: List[Tensor], bbox_preds: List[Tensor]) -> None:
     """Raise if any prediction map holds NaN or inf, naming the level (one sync)."""
-    flags = torch.stack([torch.isfinite(c).all() & torch.isfinite(r).all()
-                         for c, r in zip(cls_scores, bbox_preds)])
+    flags = torch.stack(
+        [torch.isfinite(c).all() & torch.isfinite(r).all() for c, r in zip(cls_scores, bbox_preds)]
+    )
     if bool(flags.all()):
         return
     bad = [i for i, ok in enumerate(flags.tolist()) if not ok]
@@ -107,4 +129,5 @@ def check_finite_predictions(cls_scores: List[Tensor], bbox_preds: List[Tensor])
     raise ValueError(
         f'non-finite predictions (NaN or inf) in {which} of level {lvl} '
         f'(levels with non-finite values: {bad}); the model diverged or its input is bad. '
-        'Lower the learning rate, check the data, or enable gradient clipping.')
+        'Lower the learning rate, check the data, or enable gradient clipping.'
+    )

@@ -35,8 +35,13 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         self.max_chunk_elems = int(max_chunk_elems)
 
     # ----------------------------------------------------------------- single image
-    def assign(self, pred_instances: InstanceData, gt_instances: InstanceData,
-               gt_instances_ignore: Optional[InstanceData] = None, **kwargs) -> AssignResult:
+    def assign(
+        self,
+        pred_instances: InstanceData,
+        gt_instances: InstanceData,
+        gt_instances_ignore: Optional[InstanceData] = None,
+        **kwargs,
+    ) -> AssignResult:
         """Upstream interface: assign the ``priors`` of one image (see ``MaxIoUAssigner``)."""
         if self.perm_repeat_gt_cfg is not None:
             return super().assign(pred_instances, gt_instances, gt_instances_ignore, **kwargs)
@@ -52,12 +57,18 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         max_overlaps = res.max_overlaps[0]
         if num_gts == 0 or len(priors) == 0:
             max_overlaps = torch.zeros_like(max_overlaps)
-        return AssignResult(num_gts=num_gts, gt_inds=res.gt_inds[0],
-                            max_overlaps=max_overlaps, labels=res.labels[0])
+        return AssignResult(
+            num_gts=num_gts, gt_inds=res.gt_inds[0], max_overlaps=max_overlaps, labels=res.labels[0]
+        )
 
     # ----------------------------------------------------------------- batch
-    def assign_batch(self, anchors: Tensor, inside: Tensor, gts: PaddedBoxes,
-                     ignore: Optional[PaddedBoxes] = None) -> BatchAssignResult:
+    def assign_batch(
+        self,
+        anchors: Tensor,
+        inside: Tensor,
+        gts: PaddedBoxes,
+        ignore: Optional[PaddedBoxes] = None,
+    ) -> BatchAssignResult:
         """Assign gts to the anchors of every image of the batch.
 
         Args:
@@ -86,8 +97,13 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         gt_max = anchors.new_full((B, G), float('-inf'))
         gt_argmax = torch.zeros(B, G, dtype=torch.long, device=device)
         for s, e in bounds:
-            m, am, c_max, c_arg = overlap_max(gts.bboxes, gt_mask, anchors[s:e], inside[:, s:e],
-                                              None if ignored is None else ignored[:, s:e])
+            m, am, c_max, c_arg = overlap_max(
+                gts.bboxes,
+                gt_mask,
+                anchors[s:e],
+                inside[:, s:e],
+                None if ignored is None else ignored[:, s:e],
+            )
             max_ov[:, s:e], argmax_ov[:, s:e] = m, am
             better = c_max > gt_max  # strict: the first anchor of a tie wins, as in max()
             gt_argmax = torch.where(better, c_arg + s, gt_argmax)
@@ -103,8 +119,9 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         if self.match_low_quality:
             eligible = (gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
             if self.gt_max_assign_all:
-                low = self._tied_anchors(anchors, gts, ignored, max_ov, gt_max, eligible, ties,
-                                         inside, bounds)
+                low = self._tied_anchors(
+                    anchors, gts, ignored, max_ov, gt_max, eligible, ties, inside, bounds
+                )
             else:  # each gt claims its first best anchor; later gts overwrite earlier ones
                 low = torch.zeros(B, N, dtype=torch.long, device=device)
                 gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
@@ -120,8 +137,9 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         labels = torch.where(gt_inds > 0, labels, -1)
         return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
 
-    def _tied_anchors(self, anchors, gts, ignored, max_ov, gt_max, eligible, ties, inside,
-                      bounds) -> Tensor:
+    def _tied_anchors(
+        self, anchors, gts, ignored, max_ov, gt_max, eligible, ties, inside, bounds
+    ) -> Tensor:
         """(B, N) long: 1 + the highest gt index whose best IoU the anchor ties, else 0.
 
         An anchor ties gt g only if its own best IoU is >= gt_max[g], so only anchors with
@@ -135,22 +153,32 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         thr = torch.where(eligible, gt_max, float('inf')).amin(dim=1, keepdim=True)
         cand_b, cand_n = ((max_ov >= thr) & inside).nonzero(as_tuple=True)
         if ties is not low_quality_ties or len(cand_b) * 4 > B * N:
-            return torch.cat([
-                ties(gts.bboxes, gts.mask, anchors[s:e], inside[:, s:e],
-                     None if ignored is None else ignored[:, s:e], gt_max, eligible)
-                for s, e in bounds], dim=1)
+            return torch.cat(
+                [
+                    ties(
+                        gts.bboxes,
+                        gts.mask,
+                        anchors[s:e],
+                        inside[:, s:e],
+                        None if ignored is None else ignored[:, s:e],
+                        gt_max,
+                        eligible,
+                    )
+                    for s, e in bounds
+                ],
+                dim=1,
+            )
         low = torch.zeros(B, N, dtype=torch.long, device=max_ov.device)
         step = max(1, self.max_chunk_elems // max(1, G))
         for s in range(0, len(cand_b), step):
-            b, n = cand_b[s:s + step], cand_n[s:s + step]
-            low[b, n] = paired_ties(gts.bboxes, gts.mask, gt_max, eligible, anchors, ignored,
-                                    b, n)
+            b, n = cand_b[s : s + step], cand_n[s : s + step]
+            low[b, n] = paired_ties(gts.bboxes, gts.mask, gt_max, eligible, anchors, ignored, b, n)
         return low
 
     def _kernels(self):
         """Fused IoU kernels for the default ``BboxOverlaps2D``; else the configured one."""
         calc = self.iou_calculator
-        if type(calc) is BboxOverlaps2D and calc.scale == 1. and calc.dtype is None:
+        if type(calc) is BboxOverlaps2D and calc.scale == 1.0 and calc.dtype is None:
             return overlap_max, low_quality_ties
 
         def masked(gts, gt_mask, anchors, inside, ignored):
@@ -182,7 +210,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         chunk = max(1, self.max_chunk_elems // max(1, B * ignore.bboxes.size(1)))
         out = []
         for start in range(0, N, chunk):
-            a = anchors[start:start + chunk].expand(B, -1, -1)
+            a = anchors[start : start + chunk].expand(B, -1, -1)
             if self.ignore_wrt_candidates:
                 iof = self.iou_calculator(a, ignore.bboxes, mode='iof').amax(dim=2)
             else:
@@ -191,16 +219,23 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         return torch.cat(out, dim=1)
 
 
-def assign_result_of(result: BatchAssignResult, index: int,
-                     inside: Optional[Tensor] = None) -> Tuple[AssignResult, Tensor]:
+def assign_result_of(
+    result: BatchAssignResult, index: int, inside: Optional[Tensor] = None
+) -> Tuple[AssignResult, Tensor]:
     """mmdet ``AssignResult`` of one image, restricted to its inside anchors.
 
     Returns:
         tuple[AssignResult, Tensor]: the result and the (M,) indices of the anchors kept.
     """
-    keep = inside[index].nonzero().squeeze(1) if inside is not None else \
-        torch.arange(result.gt_inds.size(1), device=result.gt_inds.device)
+    keep = (
+        inside[index].nonzero().squeeze(1)
+        if inside is not None
+        else torch.arange(result.gt_inds.size(1), device=result.gt_inds.device)
+    )
     num_gts = int(result.num_gts[index])
-    return AssignResult(num_gts=num_gts, gt_inds=result.gt_inds[index, keep],
-                        max_overlaps=result.max_overlaps[index, keep],
-                        labels=result.labels[index, keep]), keep
+    return AssignResult(
+        num_gts=num_gts,
+        gt_inds=result.gt_inds[index, keep],
+        max_overlaps=result.max_overlaps[index, keep],
+        labels=result.labels[index, keep],
+    ), keep

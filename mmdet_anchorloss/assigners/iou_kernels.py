@@ -27,8 +27,9 @@ def iou(g: Tensor, a: Tensor) -> Tensor:
     return overlap / union.clamp(min=EPS)
 
 
-def masked_iou(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor,
-               ignored: Optional[Tensor]) -> Tensor:
+def masked_iou(
+    gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor, ignored: Optional[Tensor]
+) -> Tensor:
     """IoU (B, G, n) as upstream computes it; padding gts / outside anchors -inf, ignored -1.
 
     Args:

@@ -32,9 +32,13 @@ class BatchDeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder):
         anchors = get_box_tensor(anchors).expand_as(gt_bboxes)
         return bbox2delta(anchors, gt_bboxes, self.means, self.stds)
 
-    def decode_batch(self, anchors: Tensor, deltas: Tensor,
-                     max_shape: Optional[Union[Sequence[int], Tensor]] = None,
-                     wh_ratio_clip: float = 16 / 1000) -> Tensor:
+    def decode_batch(
+        self,
+        anchors: Tensor,
+        deltas: Tensor,
+        max_shape: Optional[Union[Sequence[int], Tensor]] = None,
+        wh_ratio_clip: float = 16 / 1000,
+    ) -> Tensor:
         """Boxes from ``deltas`` applied to ``anchors``.
 
         Args:
@@ -47,7 +51,15 @@ class BatchDeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder):
             Tensor: (..., 4) decoded x1y1x2y2 boxes.
         """
         anchors = get_box_tensor(anchors).expand_as(deltas)
-        flat = delta2bbox(anchors.reshape(-1, 4), deltas.reshape(-1, 4), self.means,
-                          self.stds, max_shape, wh_ratio_clip, self.clip_border,
-                          self.add_ctr_clamp, self.ctr_clamp)
+        flat = delta2bbox(
+            anchors.reshape(-1, 4),
+            deltas.reshape(-1, 4),
+            self.means,
+            self.stds,
+            max_shape,
+            wh_ratio_clip,
+            self.clip_border,
+            self.add_ctr_clamp,
+            self.ctr_clamp,
+        )
         return flat.view(deltas.shape)

@@ -2,5 +2,10 @@ from .anchor_loss_heads import AnchorLossHead, AnchorLossRetinaHead, AnchorLossR
 from .anchor_loss_ssd_head import AnchorLossSSDHead
 from .batched_loss import BatchedAnchorLossMixin
 
-__all__ = ['AnchorLossHead', 'AnchorLossRetinaHead', 'AnchorLossRPNHead', 'AnchorLossSSDHead',
-           'BatchedAnchorLossMixin']
+__all__ = [
+    'AnchorLossHead',
+    'AnchorLossRetinaHead',
+    'AnchorLossRPNHead',
+    'AnchorLossSSDHead',
+    'BatchedAnchorLossMixin',
+]

@@ -39,20 +39,31 @@ class AnchorLossSSDHead(_PluginHeadInit, BatchedAnchorLossMixin, SSDHead):
     the result has one entry per image, not per level.
     """
 
-    def loss_by_feat(self, cls_scores, bbox_preds, batch_gt_instances, batch_img_metas,
-                     batch_gt_instances_ignore=None) -> dict:
+    def loss_by_feat(
+        self,
+        cls_scores,
+        bbox_preds,
+        batch_gt_instances,
+        batch_img_metas,
+        batch_gt_instances_ignore=None,
+    ) -> dict:
         """See ``SSDHead.loss_by_feat``.
 
         Returns:
             dict: ``loss_cls`` (B tensors of shape (1,)) and ``loss_bbox`` (B 0-d tensors).
         """
-        inputs = self.prepare_loss(cls_scores, bbox_preds, batch_gt_instances,
-                                   batch_img_metas, batch_gt_instances_ignore)
+        inputs = self.prepare_loss(
+            cls_scores, bbox_preds, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore
+        )
         t = inputs.targets
         B, N = t.labels.shape
         scores = levels_to_rows(cls_scores, self.cls_out_channels)
-        ce = F.cross_entropy(scores.reshape(B * N, -1), t.labels.reshape(-1),
-                             reduction='none').view(B, N) * t.label_weights
+        ce = (
+            F.cross_entropy(scores.reshape(B * N, -1), t.labels.reshape(-1), reduction='none').view(
+                B, N
+            )
+            * t.label_weights
+        )
         pos = t.labels < self.num_classes
         neg = t.labels == self.num_classes
         num_neg = torch.minimum(self.train_cfg['neg_pos_ratio'] * pos.sum(dim=1), neg.sum(dim=1))
@@ -61,9 +72,15 @@ class AnchorLossSSDHead(_PluginHeadInit, BatchedAnchorLossMixin, SSDHead):
 
         pred = self._positive_deltas(bbox_preds, inputs)
         weights = torch.ones_like(t.pos_bbox_targets)
-        elem = smooth_l1_loss(pred, t.pos_bbox_targets, weights,
-                              beta=self.train_cfg['smoothl1_beta'], reduction='none')
+        elem = smooth_l1_loss(
+            pred,
+            t.pos_bbox_targets,
+            weights,
+            beta=self.train_cfg['smoothl1_beta'],
+            reduction='none',
+        )
         per_image = segment_sum(rows_of(elem, len(pred)), t.pos_batch_inds, B)
         losses_bbox = per_image / (t.avg_factor + EPS)
-        return dict(loss_cls=list(losses_cls.view(B, 1).unbind()),
-                    loss_bbox=list(losses_bbox.unbind()))
+        return dict(
+            loss_cls=list(losses_cls.view(B, 1).unbind()), loss_bbox=list(losses_bbox.unbind())
+        )

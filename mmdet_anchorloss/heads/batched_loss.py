@@ -20,8 +20,13 @@ from ..anchors import BatchAnchors, batch_anchors
 from ..losses.level_reduce import normalise, rows_of, segment_sum
 from ..structures import PaddedBoxes, SampledTargets, pad_instances
 from ..targets import assign_batch, build_targets, levels_to_rows, sample_batch
-from ..validation import (check_batch_lengths, check_finite_predictions, check_gts,
-                          check_predictions, describe_image)
+from ..validation import (
+    check_batch_lengths,
+    check_finite_predictions,
+    check_gts,
+    check_predictions,
+    describe_image,
+)
 
 
 class LossInputs(NamedTuple):
@@ -46,17 +51,25 @@ class BatchedAnchorLossMixin:
             positive anchor in mmengine's ``MessageHub``. Default True.
     """
 
-    def _init_batched_options(self, sync_avg_factor: bool = False, check_finite: bool = False,
-                              log_assign_stats: bool = True) -> None:
+    def _init_batched_options(
+        self,
+        sync_avg_factor: bool = False,
+        check_finite: bool = False,
+        log_assign_stats: bool = True,
+    ) -> None:
         self.sync_avg_factor = sync_avg_factor
         self.check_finite = check_finite
         self.log_assign_stats = log_assign_stats
 
     # --------------------------------------------------------------- targets
-    def batch_targets(self, featmap_sizes: Sequence, batch_gt_instances: Sequence[InstanceData],
-                      batch_img_metas: Sequence[dict],
-                      batch_gt_instances_ignore: Optional[Sequence] = None,
-                      device=None) -> LossInputs:
+    def batch_targets(
+        self,
+        featmap_sizes: Sequence,
+        batch_gt_instances: Sequence[InstanceData],
+        batch_img_metas: Sequence[dict],
+        batch_gt_instances_ignore: Optional[Sequence] = None,
+        device=None,
+    ) -> LossInputs:
         """Anchors, assignment, sampling and box targets for the whole batch.
 
         Args:
@@ -75,11 +88,17 @@ class BatchedAnchorLossMixin:
         check_gts(gts, self.num_classes, batch_img_metas)
         ignore = None
         if batch_gt_instances_ignore is not None and any(
-                i is not None and len(i) > 0 for i in batch_gt_instances_ignore):
+            i is not None and len(i) > 0 for i in batch_gt_instances_ignore
+        ):
             ignore = pad_instances(batch_gt_instances_ignore, device, with_labels=False)
             check_gts(ignore, 0, batch_img_metas, what='ignore')
-        anchors = batch_anchors(self.prior_generator, featmap_sizes, batch_img_metas,
-                                self.train_cfg['allowed_border'], device)
+        anchors = batch_anchors(
+            self.prior_generator,
+            featmap_sizes,
+            batch_img_metas,
+            self.train_cfg['allowed_border'],
+            device,
+        )
         no_inside = ~anchors.inside.any(dim=1)
         if bool(no_inside.any()):
             img = int(no_inside.nonzero()[0])
@@ -87,9 +106,11 @@ class BatchedAnchorLossMixin:
                 f'{describe_image(img, batch_img_metas)} has no valid anchor inside the '
                 f'image boundary (img_shape={batch_img_metas[img]["img_shape"]}). Check the '
                 'image size and anchor sizes, or set ``allowed_border`` to -1 to skip the '
-                'condition.')
-        assign = assign_batch(self.assigner, anchors, gts, ignore, batch_gt_instances,
-                              batch_gt_instances_ignore)
+                'condition.'
+            )
+        assign = assign_batch(
+            self.assigner, anchors, gts, ignore, batch_gt_instances, batch_gt_instances_ignore
+        )
         pos, neg, avg_factor = sample_batch(self.sampler, assign, anchors, batch_gt_instances)
         if self.sync_avg_factor:
             avg_factor = reduce_mean(avg_factor)
@@ -102,13 +123,22 @@ class BatchedAnchorLossMixin:
         t, a = inputs.targets, inputs.anchors
         loss = self.loss_cls
         if hasattr(loss, 'level_losses') and loss._fusable():
-            return loss.level_losses(cls_scores, self.prior_generator.num_base_anchors,
-                                     t.labels, t.label_weights, t.avg_factor)
+            return loss.level_losses(
+                cls_scores,
+                self.prior_generator.num_base_anchors,
+                t.labels,
+                t.label_weights,
+                t.avg_factor,
+            )
         # any mmdet loss: one call over all levels, reduced per level
         flat = levels_to_rows(cls_scores, self.cls_out_channels)
         B, N = t.labels.shape
-        out = loss(flat.reshape(B * N, -1), t.labels.reshape(-1), t.label_weights.reshape(-1),
-                   reduction_override='none')
+        out = loss(
+            flat.reshape(B * N, -1),
+            t.labels.reshape(-1),
+            t.label_weights.reshape(-1),
+            reduction_override='none',
+        )
         rows = rows_of(out, B * N).view(B, N)
         per_level = segment_sum(rows.sum(dim=0), a.level_ids, len(a.level_sizes))
         return normalise(per_level, t.avg_factor)
@@ -126,17 +156,21 @@ class BatchedAnchorLossMixin:
         """(L,) regression loss per level, computed on the positives only."""
         t, a = inputs.targets, inputs.anchors
         pred = self._positive_deltas(bbox_preds, inputs)
-        out = self.loss_bbox(pred, t.pos_bbox_targets, torch.ones_like(t.pos_bbox_targets),
-                             reduction_override='none')
+        out = self.loss_bbox(
+            pred, t.pos_bbox_targets, torch.ones_like(t.pos_bbox_targets), reduction_override='none'
+        )
         rows = rows_of(out, len(pred))
         per_level = segment_sum(rows, a.level_ids[t.pos_anchor_inds], len(a.level_sizes))
         return normalise(per_level, t.avg_factor)
 
-    def batched_loss_by_feat(self, cls_scores: List[Tensor], bbox_preds: List[Tensor],
-                             batch_gt_instances: Sequence[InstanceData],
-                             batch_img_metas: Sequence[dict],
-                             batch_gt_instances_ignore: Optional[Sequence] = None
-                             ) -> Dict[str, List[Tensor]]:
+    def batched_loss_by_feat(
+        self,
+        cls_scores: List[Tensor],
+        bbox_preds: List[Tensor],
+        batch_gt_instances: Sequence[InstanceData],
+        batch_img_metas: Sequence[dict],
+        batch_gt_instances_ignore: Optional[Sequence] = None,
+    ) -> Dict[str, List[Tensor]]:
         """Upstream ``AnchorHead.loss_by_feat``'s numbers, batched.
 
         Args:
@@ -150,37 +184,73 @@ class BatchedAnchorLossMixin:
         Returns:
             dict: ``loss_cls`` and ``loss_bbox``, each a list of L 0-d tensors.
         """
-        inputs = self.prepare_loss(cls_scores, bbox_preds, batch_gt_instances,
-                                   batch_img_metas, batch_gt_instances_ignore)
+        inputs = self.prepare_loss(
+            cls_scores, bbox_preds, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore
+        )
         losses_cls = self._cls_level_losses(cls_scores, inputs)
         losses_bbox = self._bbox_level_losses(bbox_preds, inputs)
         return dict(loss_cls=list(losses_cls.unbind()), loss_bbox=list(losses_bbox.unbind()))
 
-    def prepare_loss(self, cls_scores, bbox_preds, batch_gt_instances, batch_img_metas,
-                     batch_gt_instances_ignore=None) -> LossInputs:
+    def prepare_loss(
+        self,
+        cls_scores,
+        bbox_preds,
+        batch_gt_instances,
+        batch_img_metas,
+        batch_gt_instances_ignore=None,
+    ) -> LossInputs:
         """Validate the inputs, then compute anchors and targets (and log statistics)."""
         check_batch_lengths(batch_gt_instances, batch_img_metas, batch_gt_instances_ignore)
-        check_predictions(cls_scores, bbox_preds, self.prior_generator.num_levels,
-                          self.prior_generator.num_base_anchors, self.cls_out_channels,
-                          self.bbox_coder.encode_size, len(batch_img_metas))
+        check_predictions(
+            cls_scores,
+            bbox_preds,
+            self.prior_generator.num_levels,
+            self.prior_generator.num_base_anchors,
+            self.cls_out_channels,
+            self.bbox_coder.encode_size,
+            len(batch_img_metas),
+        )
         if self.check_finite:
             check_finite_predictions(cls_scores, bbox_preds)
         featmap_sizes = [tuple(s.shape[-2:]) for s in cls_scores]
-        inputs = self.batch_targets(featmap_sizes, batch_gt_instances, batch_img_metas,
-                                    batch_gt_instances_ignore, device=cls_scores[0].device)
+        inputs = self.batch_targets(
+            featmap_sizes,
+            batch_gt_instances,
+            batch_img_metas,
+            batch_gt_instances_ignore,
+            device=cls_scores[0].device,
+        )
         if self.log_assign_stats:
             log_assign_stats(inputs)
         return inputs
 
     # --------------------------------------------------------------- mmdet 2.x names
-    def loss_single(self, cls_score, bbox_pred, anchors, labels, label_weights, bbox_targets,
-                    bbox_weights, num_total_samples):
+    def loss_single(
+        self,
+        cls_score,
+        bbox_pred,
+        anchors,
+        labels,
+        label_weights,
+        bbox_targets,
+        bbox_weights,
+        num_total_samples,
+    ):
         """mmdet 2.x ``loss_single``: one level, ``num_total_samples`` is the avg_factor."""
-        return self.loss_by_feat_single(cls_score, bbox_pred, anchors, labels, label_weights,
-                                        bbox_targets, bbox_weights, avg_factor=num_total_samples)
+        return self.loss_by_feat_single(
+            cls_score,
+            bbox_pred,
+            anchors,
+            labels,
+            label_weights,
+            bbox_targets,
+            bbox_weights,
+            avg_factor=num_total_samples,
+        )
 
-    def legacy_loss(self, cls_scores, bbox_preds, gt_bboxes, gt_labels, img_metas,
-                    gt_bboxes_ignore=None):
+    def legacy_loss(
+        self, cls_scores, bbox_preds, gt_bboxes, gt_labels, img_metas, gt_bboxes_ignore=None
+    ):
         """mmdet 2.x ``loss``: plain per-image tensors instead of ``InstanceData``.
 
         Args:
@@ -192,8 +262,7 @@ class BatchedAnchorLossMixin:
         gts = [InstanceData(bboxes=b, labels=lab) for b, lab in zip(gt_bboxes, gt_labels)]
         ignore = None
         if gt_bboxes_ignore is not None:
-            ignore = [InstanceData(bboxes=b) if b is not None else None
-                      for b in gt_bboxes_ignore]
+            ignore = [InstanceData(bboxes=b) if b is not None else None for b in gt_bboxes_ignore]
         return self.loss_by_feat(cls_scores, bbox_preds, gts, img_metas, ignore)
 
 
@@ -207,8 +276,9 @@ def log_assign_stats(inputs: LossInputs) -> None:
     assign, anchors = inputs.targets.assign, inputs.anchors
     B, G = inputs.gts.mask.shape
     pos = assign.gt_inds > 0
-    pos_per_level = segment_sum(pos.sum(dim=0).float(), anchors.level_ids,
-                                len(anchors.level_sizes)) / max(B, 1)
+    pos_per_level = segment_sum(
+        pos.sum(dim=0).float(), anchors.level_ids, len(anchors.level_sizes)
+    ) / max(B, 1)
     matched = torch.zeros(B, G + 1, device=pos.device)
     matched.scatter_(1, assign.gt_inds.clamp(min=0), 1.0)
     total = inputs.gts.mask.sum().float()

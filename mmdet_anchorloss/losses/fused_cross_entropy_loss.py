@@ -26,9 +26,16 @@ class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
     def _fusable(self) -> bool:
         return self.use_sigmoid and self.class_weight is None and self.ignore_index is None
 
-    def forward(self, cls_score: Tensor, label: Tensor, weight: Optional[Tensor] = None,
-                avg_factor=None, reduction_override: Optional[str] = None,
-                ignore_index: Optional[int] = None, **kwargs) -> Tensor:
+    def forward(
+        self,
+        cls_score: Tensor,
+        label: Tensor,
+        weight: Optional[Tensor] = None,
+        avg_factor=None,
+        reduction_override: Optional[str] = None,
+        ignore_index: Optional[int] = None,
+        **kwargs,
+    ) -> Tensor:
         """See ``CrossEntropyLoss.forward``."""
         assert reduction_override in (None, 'none', 'mean', 'sum')
         reduction = reduction_override if reduction_override else self.reduction
@@ -36,6 +43,7 @@ class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
         if ignore_index is None and not kwargs:
             out = self._fused_forward(cls_score, label, weight, avg_factor, reduction)
         if out is None:
-            return super().forward(cls_score, label, weight, avg_factor, reduction_override,
-                                   ignore_index, **kwargs)
+            return super().forward(
+                cls_score, label, weight, avg_factor, reduction_override, ignore_index, **kwargs
+            )
         return out

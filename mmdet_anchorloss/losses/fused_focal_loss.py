@@ -17,8 +17,14 @@ class FusedSigmoidMixin:
     ``_fusable()``.
     """
 
-    def level_losses(self, levels: Sequence[Tensor], num_base_priors: Sequence[int],
-                     labels: Tensor, weights: Tensor, avg_factor) -> Tensor:
+    def level_losses(
+        self,
+        levels: Sequence[Tensor],
+        num_base_priors: Sequence[int],
+        labels: Tensor,
+        weights: Tensor,
+        avg_factor,
+    ) -> Tensor:
         """Per-level losses straight from the prediction maps, as upstream reports them.
 
         Args:
@@ -32,14 +38,21 @@ class FusedSigmoidMixin:
             Tensor: (L,) ``loss_weight * sum(level) / (avg_factor + eps)``.
         """
         scale = self.loss_weight / (avg_factor + EPS)
-        return sigmoid_level_losses(levels, num_base_priors, labels, weights, scale,
-                                    *self._sigmoid_params())
+        return sigmoid_level_losses(
+            levels, num_base_priors, labels, weights, scale, *self._sigmoid_params()
+        )
 
-    def _fused_forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor],
-                       avg_factor, reduction: str) -> Optional[Tensor]:
+    def _fused_forward(
+        self, pred: Tensor, target: Tensor, weight: Optional[Tensor], avg_factor, reduction: str
+    ) -> Optional[Tensor]:
         """The upstream call on (R, C) scores and (R,) labels, fused; None if not fusable."""
-        if not self._fusable() or reduction not in ('mean', 'sum') or pred.dim() != 2 \
-                or target.dim() != 1 or (weight is not None and weight.shape != target.shape):
+        if (
+            not self._fusable()
+            or reduction not in ('mean', 'sum')
+            or pred.dim() != 2
+            or target.dim() != 1
+            or (weight is not None and weight.shape != target.shape)
+        ):
             return None
         R, C = pred.shape
         if avg_factor is not None:
@@ -50,10 +63,14 @@ class FusedSigmoidMixin:
             scale = self.loss_weight / max(R * C, 1) if reduction == 'mean' else self.loss_weight
         weight = pred.new_ones(R) if weight is None else weight.float()
         valid = (target >= 0) & (target <= C)  # mmdet's binary CE ignores negative labels
-        total = sigmoid_level_losses([pred.reshape(1, R * C, 1, 1)], [R],
-                                     target.clamp(min=0, max=C).view(1, R),
-                                     (weight * valid).view(1, R), scale,
-                                     *self._sigmoid_params())
+        total = sigmoid_level_losses(
+            [pred.reshape(1, R * C, 1, 1)],
+            [R],
+            target.clamp(min=0, max=C).view(1, R),
+            (weight * valid).view(1, R),
+            scale,
+            *self._sigmoid_params(),
+        )
         return total[0]
 
 
@@ -72,8 +89,14 @@ class FusedFocalLoss(FusedSigmoidMixin, FocalLoss):
     def _fusable(self) -> bool:
         return self.use_sigmoid and not self.activated
 
-    def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                avg_factor=None, reduction_override: Optional[str] = None) -> Tensor:
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor] = None,
+        avg_factor=None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
         """See ``FocalLoss.forward``."""
         assert reduction_override in (None, 'none', 'mean', 'sum')
         reduction = reduction_override if reduction_override else self.reduction

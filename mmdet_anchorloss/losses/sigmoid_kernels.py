@@ -60,8 +60,9 @@ def _pos_grad(x: Tensor, gamma: float, alpha_pos: float) -> Tensor:
     return -alpha_pos * _pow(q, gamma) * (gamma * (1 - q) * sp + q)
 
 
-def _loss_and_grad(x4: Tensor, coef4: Tensor, gamma: float,
-                   alpha_neg: float) -> Tuple[Tensor, Tensor]:
+def _loss_and_grad(
+    x4: Tensor, coef4: Tensor, gamma: float, alpha_neg: float
+) -> Tuple[Tensor, Tensor]:
     """One pass: weighted target-0 loss total and its gradient.
 
     Args:
@@ -87,15 +88,18 @@ def _chunks(x4: Tensor, coef4: Tensor):
     """Split (B, A, C, S) and (B, A, 1, S) into aligned chunks of about _EAGER_CHUNK items."""
     B, A, C, S = x4.shape
     step = max(1, _EAGER_CHUNK // max(1, C * S))
-    return zip(x4.reshape(1, B * A, C, S).split(step, dim=1),
-               coef4.reshape(1, B * A, 1, S).split(step, dim=1))
+    return zip(
+        x4.reshape(1, B * A, C, S).split(step, dim=1),
+        coef4.reshape(1, B * A, 1, S).split(step, dim=1),
+    )
 
 
 def _eager_loss_and_grad(x4, coef4, gamma, alpha_neg):
     grad = torch.empty_like(x4)
     total = x4.new_zeros(())
-    outs = grad.view(1, -1, *x4.shape[2:]).split(max(1, _EAGER_CHUNK // max(
-        1, x4.shape[2] * x4.shape[3])), dim=1)
+    outs = grad.view(1, -1, *x4.shape[2:]).split(
+        max(1, _EAGER_CHUNK // max(1, x4.shape[2] * x4.shape[3])), dim=1
+    )
     for out, (x, c) in zip(outs, _chunks(x4, coef4)):
         t, g = _loss_and_grad(x, c, gamma, alpha_neg)
         total = total + t
@@ -104,8 +108,9 @@ def _eager_loss_and_grad(x4, coef4, gamma, alpha_neg):
 
 
 def _eager_loss_only(x4, coef4, gamma, alpha_neg):
-    return sum((_loss_only(x, c, gamma, alpha_neg) for x, c in _chunks(x4, coef4)),
-               x4.new_zeros(()))
+    return sum(
+        (_loss_only(x, c, gamma, alpha_neg) for x, c in _chunks(x4, coef4)), x4.new_zeros(())
+    )
 
 
 class _Kernels:
@@ -131,8 +136,9 @@ def _anchor_layout(v: Tensor, shape) -> Tensor:
     return v.reshape(B, S, A).transpose(1, 2).unsqueeze(2)
 
 
-def _positive_flat_index(labels: Tensor, level_sizes: Sequence[int],
-                         shapes: Sequence[Tuple[int, int, int, int]]):
+def _positive_flat_index(
+    labels: Tensor, level_sizes: Sequence[int], shapes: Sequence[Tuple[int, int, int, int]]
+):
     """Where the target-1 entries lie.
 
     Returns:
@@ -172,9 +178,15 @@ class SigmoidLevelsLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, labels: Tensor, weights: Tensor, scale: Tensor,
-                params: Tuple[float, float, float], num_base_priors: Sequence[int],
-                *levels: Tensor) -> Tensor:
+    def forward(
+        ctx,
+        labels: Tensor,
+        weights: Tensor,
+        scale: Tensor,
+        params: Tuple[float, float, float],
+        num_base_priors: Sequence[int],
+        *levels: Tensor,
+    ) -> Tensor:
         gamma, alpha_pos, alpha_neg = params
         x4s = [_as_4d(x, a) for x, a in zip(levels, num_base_priors)]
         shapes = [tuple(x.shape) for x in x4s]
@@ -199,12 +211,13 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         corr = (_pos_loss(x_pos, gamma, alpha_pos) - _neg_loss(x_pos, gamma, alpha_neg)) * c_pos
         totals = totals.index_add(0, level, corr.float())
         if want_grad:
-            g_corr = (_pos_grad(x_pos, gamma, alpha_pos) - _neg_grad(x_pos, gamma, alpha_neg))
+            g_corr = _pos_grad(x_pos, gamma, alpha_pos) - _neg_grad(x_pos, gamma, alpha_neg)
             g_corr = g_corr * c_pos
             for lvl, g in enumerate(grads):
                 on = level == lvl
-                g.view(-1).index_put_((flat.where(on, 0),), (g_corr * on).to(g.dtype),
-                                      accumulate=True)
+                g.view(-1).index_put_(
+                    (flat.where(on, 0),), (g_corr * on).to(g.dtype), accumulate=True
+                )
             ctx.grads = [g.view_as(x) for g, x in zip(grads, levels)]
         return totals
 
@@ -212,16 +225,25 @@ class SigmoidLevelsLoss(torch.autograd.Function):
     def backward(ctx, grad_totals: Tensor):
         grads = ctx.__dict__.pop('grads', None)  # handed over, so autograd can keep them
         if grads is None:
-            raise RuntimeError('SigmoidLevelsLoss: backward through the same graph twice '
-                               '(retain_graph) is not supported')
+            raise RuntimeError(
+                'SigmoidLevelsLoss: backward through the same graph twice '
+                '(retain_graph) is not supported'
+            )
         if not (grad_totals.device.type == 'cpu' and bool((grad_totals == 1).all())):
             grads = [g * s.to(g.dtype) for g, s in zip(grads, grad_totals)]
         return (None, None, None, None, None, *grads)
 
 
-def sigmoid_level_losses(levels: Sequence[Tensor], num_base_priors: Sequence[int],
-                         labels: Tensor, weights: Tensor, scale, gamma: float,
-                         alpha_pos: float, alpha_neg: float) -> Tensor:
+def sigmoid_level_losses(
+    levels: Sequence[Tensor],
+    num_base_priors: Sequence[int],
+    labels: Tensor,
+    weights: Tensor,
+    scale,
+    gamma: float,
+    alpha_pos: float,
+    alpha_neg: float,
+) -> Tensor:
     """Sigmoid focal / BCE loss of multi-level maps, summed per level.
 
     Args:
@@ -237,6 +259,11 @@ def sigmoid_level_losses(levels: Sequence[Tensor], num_base_priors: Sequence[int
         anchor, as upstream).
     """
     scale = torch.as_tensor(scale, dtype=torch.float32, device=labels.device)
-    return SigmoidLevelsLoss.apply(labels, weights.float(), scale,
-                                   (float(gamma), float(alpha_pos), float(alpha_neg)),
-                                   list(num_base_priors), *levels)
+    return SigmoidLevelsLoss.apply(
+        labels,
+        weights.float(),
+        scale,
+        (float(gamma), float(alpha_pos), float(alpha_neg)),
+        list(num_base_priors),
+        *levels,
+    )

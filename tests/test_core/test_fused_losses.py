@@ -14,9 +14,8 @@ from helpers import (
 )
 from mmdet.models.losses import CrossEntropyLoss, FocalLoss
 
-from mmdet_anchorloss.losses import FusedCrossEntropyLoss, FusedFocalLoss
 from mmdet_anchorloss.compile import MaybeCompiled
-from mmdet_anchorloss.losses import sigmoid_kernels
+from mmdet_anchorloss.losses import FusedCrossEntropyLoss, FusedFocalLoss, sigmoid_kernels
 
 
 def _rows(seed=0, R=300, C=7):

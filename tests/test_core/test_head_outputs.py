@@ -1,0 +1,59 @@
+"""Shapes the docstrings promise, and the assignment statistics sent to the MessageHub."""
+
+import pytest
+import torch
+from helpers import build, make_batch, retina_cfg, to_plugin
+from mmengine.logging import MessageHub
+
+from mmdet_anchorloss.heads.batched_loss import LossInputs
+
+SHAPES = [(100, 120), (64, 90), (128, 128)]
+
+
+def test_batch_targets_shapes():
+    head = build(to_plugin(retina_cfg(num_classes=5)))
+    cls, reg, gts, metas, ignore = make_batch(head, 0, (3, 0, 2), SHAPES)
+    sizes = [c.shape[-2:] for c in cls]
+    out = head.batch_targets(sizes, gts, metas, ignore, device=torch.device('cpu'))
+    assert isinstance(out, LossInputs)
+    B, N = 3, sum(out.anchors.level_sizes)
+    a, t = out.anchors, out.targets
+    assert a.anchors.shape == (N, 4) and a.inside.shape == (B, N) and a.level_ids.shape == (N,)
+    assert a.level_sizes == [c.shape[-2] * c.shape[-1] * 9 for c in cls]
+    assert out.gts.bboxes.shape == (B, 3, 4) and out.gts.mask.sum() == 5
+    for name in ('labels', 'label_weights', 'pos_mask', 'neg_mask'):
+        assert getattr(t, name).shape == (B, N), name
+    P = int(t.pos_mask.sum())
+    assert t.pos_batch_inds.shape == t.pos_anchor_inds.shape == (P,)
+    assert t.pos_bbox_targets.shape == t.pos_gt_bboxes.shape == (P, 4)
+    assert t.avg_factor.dim() == 0
+    assert t.labels.dtype == torch.long and t.labels.max() <= 5
+    assert not t.pos_mask[1].any()  # the empty image has no positive
+
+
+def test_assignment_statistics_reach_the_message_hub():
+    head = build(to_plugin(retina_cfg(num_classes=5)))
+    cls, reg, gts, metas, ignore = make_batch(head, 0, (3, 0, 2), SHAPES)
+    hub = MessageHub.get_instance('anchorloss_stats_test')
+    MessageHub._instance_dict.move_to_end('anchorloss_stats_test')  # make it current
+    head.loss_by_feat(cls, reg, gts, metas, ignore)
+    pos = [hub.get_scalar(f'train/assign/pos_l{i}').current() for i in range(5)]
+    sizes = [c.shape[-2:] for c in cls]
+    t = head.batch_targets(sizes, gts, metas, ignore, device=torch.device('cpu')).targets
+    ids = t.assign.gt_inds > 0
+    expected = [float(ids[:, s:e].sum()) / 3 for s, e in _bounds(head, sizes)]
+    assert pos == pytest.approx(expected) and sum(pos) > 0
+    assert hub.get_scalar('train/assign/gts_without_pos').current() == 0.0
+
+    quiet = build(dict(to_plugin(retina_cfg(num_classes=5)), log_assign_stats=False))
+    hub2 = MessageHub.get_instance('anchorloss_stats_quiet')
+    MessageHub._instance_dict.move_to_end('anchorloss_stats_quiet')
+    quiet.loss_by_feat(cls, reg, gts, metas, ignore)
+    assert 'train/assign/pos_l0' not in hub2.log_scalars
+
+
+def _bounds(head, sizes):
+    start = 0
+    for (h, w), a in zip(sizes, head.prior_generator.num_base_anchors):
+        yield start, start + h * w * a
+        start += h * w * a
