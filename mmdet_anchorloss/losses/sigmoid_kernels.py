@@ -72,16 +72,17 @@ def _loss_and_grad(
     Returns:
         tuple[Tensor, Tensor]: () total of coef4 * loss; (B, A, C, S) its gradient.
     """
-    p, sp = _sigmoid_softplus(x4)
+    x = x4.float()  # half-precision maps are computed in float32, as mmcv's kernel does
+    p, sp = _sigmoid_softplus(x)
     pg = _pow(p, gamma)
     total = (alpha_neg * pg * sp * coef4).sum()
     grad = coef4 * (alpha_neg * pg * (gamma * (1 - p) * sp + p))
-    return total, grad
+    return total, grad.to(x4.dtype)
 
 
 def _loss_only(x4: Tensor, coef4: Tensor, gamma: float, alpha_neg: float) -> Tensor:
     """() total of coef4 * target-0 loss, for calls that need no gradient."""
-    return (_neg_loss(x4, gamma, alpha_neg) * coef4).sum()
+    return (_neg_loss(x4.float(), gamma, alpha_neg) * coef4).sum()
 
 
 def _chunks(x4: Tensor, coef4: Tensor):
@@ -191,7 +192,7 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         x4s = [_as_4d(x, a) for x, a in zip(levels, num_base_priors)]
         shapes = [tuple(x.shape) for x in x4s]
         level_sizes = [s[1] * s[3] for s in shapes]
-        coef = (weights * scale).to(levels[0].dtype)  # (B, N)
+        coef = (weights * scale).float()  # (B, N)
         want_grad = any(ctx.needs_input_grad[5:])
         totals, grads = [], []
         # One fused kernel per level (levels differ in shape; no host sync between them).
@@ -206,7 +207,7 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         totals = torch.stack(totals).float()
         # target-1 entries: swap the target-0 term for the target-1 term, on (P,) values
         pos_b, pos_n, level, flat = _positive_flat_index(labels, level_sizes, shapes)
-        x_pos = _take_levels(x4s, level, flat)
+        x_pos = _take_levels(x4s, level, flat).float()
         c_pos = coef[pos_b, pos_n]
         corr = (_pos_loss(x_pos, gamma, alpha_pos) - _neg_loss(x_pos, gamma, alpha_neg)) * c_pos
         totals = totals.index_add(0, level, corr.float())
