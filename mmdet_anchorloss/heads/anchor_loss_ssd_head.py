@@ -1,14 +1,13 @@
 """SSD head with the batched loss and batched hard negative mining."""
 
 import torch
-import torch.nn.functional as F
 from mmdet.models.dense_heads import SSDHead
 from mmdet.models.losses import smooth_l1_loss
 from mmdet.registry import MODELS
 from torch import Tensor
 
 from ..losses.level_reduce import EPS, rows_of, segment_sum
-from ..targets import levels_to_rows
+from ..losses.softmax_levels import softmax_cross_entropy_rows
 from .anchor_loss_heads import _PluginHeadInit
 from .batched_loss import BatchedAnchorLossMixin
 
@@ -57,10 +56,9 @@ class AnchorLossSSDHead(_PluginHeadInit, BatchedAnchorLossMixin, SSDHead):
         )
         t = inputs.targets
         B, N = t.labels.shape
-        scores = levels_to_rows(cls_scores, self.cls_out_channels)
         ce = (
-            F.cross_entropy(scores.reshape(B * N, -1), t.labels.reshape(-1), reduction='none').view(
-                B, N
+            softmax_cross_entropy_rows(
+                cls_scores, self.prior_generator.num_base_anchors, t.labels
             )
             * t.label_weights
         )

@@ -17,7 +17,9 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from ..anchors import BatchAnchors, batch_anchors
+from ..losses.fused_cross_entropy_loss import FusedCrossEntropyLoss
 from ..losses.level_reduce import normalise, rows_of, segment_sum
+from ..losses.softmax_levels import softmax_cross_entropy_rows
 from ..structures import PaddedBoxes, SampledTargets, pad_instances
 from ..targets import assign_batch, build_targets, levels_to_rows, sample_batch
 from ..validation import (
@@ -130,16 +132,21 @@ class BatchedAnchorLossMixin:
                 t.label_weights,
                 t.avg_factor,
             )
-        # any mmdet loss: one call over all levels, reduced per level
-        flat = levels_to_rows(cls_scores, self.cls_out_channels)
         B, N = t.labels.shape
-        out = loss(
-            flat.reshape(B * N, -1),
-            t.labels.reshape(-1),
-            t.label_weights.reshape(-1),
-            reduction_override='none',
-        )
-        rows = rows_of(out, B * N).view(B, N)
+        if isinstance(loss, FusedCrossEntropyLoss) and loss._fusable_softmax():
+            ce = softmax_cross_entropy_rows(
+                cls_scores, self.prior_generator.num_base_anchors, t.labels
+            )
+            rows = loss.loss_weight * t.label_weights * ce
+        else:  # any mmdet loss: one call over all levels, reduced per level
+            flat = levels_to_rows(cls_scores, self.cls_out_channels)
+            out = loss(
+                flat.reshape(B * N, -1),
+                t.labels.reshape(-1),
+                t.label_weights.reshape(-1),
+                reduction_override='none',
+            )
+            rows = rows_of(out, B * N).view(B, N)
         per_level = segment_sum(rows.sum(dim=0), a.level_ids, len(a.level_sizes))
         return normalise(per_level, t.avg_factor)
 

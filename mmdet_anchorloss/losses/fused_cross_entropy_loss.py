@@ -16,8 +16,8 @@ class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
     ``use_sigmoid=True`` (RPN, sigmoid heads) with class-index targets, no ``class_weight``
     and no ``ignore_index`` runs the fused sigmoid kernel (binary cross-entropy is the
     focal form with gamma 0 and both alphas 1). Softmax (``use_sigmoid=False``) is
-    torch's ``cross_entropy``, already a fused log-softmax; the head reduces its rows
-    per level in one call.
+    a log-sum-exp over the class axis of each level map, read in place (no permute /
+    concatenate copy of the logits; see ``softmax_levels``).
     """
 
     def _sigmoid_params(self):
@@ -25,6 +25,11 @@ class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
 
     def _fusable(self) -> bool:
         return self.use_sigmoid and self.class_weight is None and self.ignore_index is None
+
+    def _fusable_softmax(self) -> bool:
+        """Softmax read straight from the level maps (no class_weight / ignore_index)."""
+        return not self.use_sigmoid and not self.use_mask and self.class_weight is None \
+            and self.ignore_index is None
 
     def forward(
         self,
