@@ -2,19 +2,87 @@
 
 Each level's map (B, A * (C + 1), H, W) is read in place as (B, A, C + 1, H * W): the
 log-sum-exp runs over the class axis without the permute / concatenate copy of all logits
-that upstream makes, and the gradient comes back in the map's own layout.
+that upstream makes. The forward pass keeps the softmax probabilities (one fused pass,
+compiled where possible); the backward turns them into the gradient in place,
+``coef * (softmax - onehot)``, in the map's own layout.
 """
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ..compile import MaybeCompiled
 from .sigmoid_kernels import _anchor_layout, _as_4d
 
 
-def softmax_cross_entropy_rows(levels: Sequence[Tensor], num_base_priors: Sequence[int],
-                               labels: Tensor) -> Tensor:
+def _lse_and_prob(x4: Tensor) -> Tuple[Tensor, Tensor]:
+    """(B, A, C1, S) logits -> log-sum-exp over classes (B, A, S), softmax (B, A, C1, S)."""
+    x = x4.float()
+    m = x.amax(dim=2, keepdim=True)
+    e = torch.exp(x - m)
+    s = e.sum(dim=2, keepdim=True)
+    return (m + torch.log(s)).squeeze(2), e / s
+
+
+def _lse_only(x4: Tensor) -> Tensor:
+    return torch.logsumexp(x4.float(), dim=2)
+
+
+_LSE_AND_PROB = MaybeCompiled(_lse_and_prob)
+_LSE_ONLY = MaybeCompiled(_lse_only)
+
+
+class SoftmaxLevelsCE(torch.autograd.Function):
+    """(B, N) cross-entropy of every anchor over multi-level maps (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, labels: Tensor, num_base_priors: Sequence[int], *levels: Tensor) -> Tensor:
+        want_grad = any(ctx.needs_input_grad[2:])
+        rows, probs, labs = [], [], []
+        start = 0
+        for x, a in zip(levels, num_base_priors):  # levels differ in shape; no host sync
+            x4 = _as_4d(x, a)  # (B, A, C1, S)
+            B, A, _, S = x4.shape
+            lab = _anchor_layout(labels[:, start : start + A * S], x4.shape)  # (B, A, 1, S)
+            if want_grad:
+                lse, prob = _LSE_AND_PROB(x4)
+                probs.append(prob.contiguous())
+                labs.append(lab)
+            else:
+                lse = _LSE_ONLY(x4)
+            ce = lse - x4.gather(2, lab).squeeze(2).float()
+            rows.append(ce.transpose(1, 2).reshape(B, -1))
+            start += A * S
+        if want_grad:
+            ctx.probs, ctx.labs = probs, labs
+            ctx.dtypes = [x.dtype for x in levels]
+            ctx.level_sizes = [p.shape[1] * p.shape[3] for p in probs]
+            ctx.shapes = [x.shape for x in levels]
+        return torch.cat(rows, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        probs, labs = ctx.__dict__.pop('probs', None), ctx.labs
+        if probs is None:
+            raise RuntimeError(
+                'SoftmaxLevelsCE: backward through the same graph twice '
+                '(retain_graph) is not supported'
+            )
+        grads = []
+        for prob, lab, dtype, g in zip(
+            probs, labs, ctx.dtypes, grad_rows.split(ctx.level_sizes, dim=1)
+        ):
+            coef = _anchor_layout(g.float(), prob.shape)  # (B, A, 1, S)
+            grad = prob.mul_(coef)  # we own prob: the gradient takes its memory
+            grad.scatter_add_(2, lab, -coef)
+            grads.append(grad.to(dtype))
+        return (None, None, *[g.view(shape) for g, shape in zip(grads, ctx.shapes)])
+
+
+def softmax_cross_entropy_rows(
+    levels: Sequence[Tensor], num_base_priors: Sequence[int], labels: Tensor
+) -> Tensor:
     """``F.cross_entropy(scores, labels, reduction='none')`` for every anchor.
 
     Args:
@@ -25,13 +93,4 @@ def softmax_cross_entropy_rows(levels: Sequence[Tensor], num_base_priors: Sequen
     Returns:
         Tensor: (B, N) float, anchors ordered (level, y, x, anchor) as upstream.
     """
-    rows = []
-    start = 0
-    for x, a in zip(levels, num_base_priors):  # levels differ in shape; no host sync
-        x4 = _as_4d(x, a)  # (B, A, C + 1, S)
-        B, A, _, S = x4.shape
-        lab = _anchor_layout(labels[:, start:start + A * S], x4.shape)  # (B, A, 1, S)
-        ce = torch.logsumexp(x4, dim=2) - x4.gather(2, lab).squeeze(2)  # (B, A, S)
-        rows.append(ce.transpose(1, 2).reshape(B, -1))
-        start += A * S
-    return torch.cat(rows, dim=1)
+    return SoftmaxLevelsCE.apply(labels, list(num_base_priors), *levels)

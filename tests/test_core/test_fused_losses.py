@@ -120,3 +120,20 @@ def test_no_grad_forward_and_grad_is_handed_over():
     graded, grads = loss_and_grads(head, cls, reg, gts, metas, ignore)
     assert_losses_match(plain, graded, rtol=1e-6)
     assert all(g.abs().sum() > 0 for g in grads[:5])
+
+
+def test_compiled_softmax_matches_upstream_ssd(monkeypatch):
+    from helpers import ssd_cfg
+
+    from mmdet_anchorloss.losses import softmax_levels
+
+    for kernel in (softmax_levels._LSE_AND_PROB, softmax_levels._LSE_ONLY):
+        monkeypatch.setattr(kernel, 'mode', '1')
+    cfg = ssd_cfg()
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    batch = make_batch(upstream, 2, (3, 1), [(300, 300), (280, 300)], pad_divisor=1)
+    ref, ref_g = loss_and_grads(upstream, *batch)
+    got, got_g = loss_and_grads(plugin, *batch)
+    assert softmax_levels._LSE_AND_PROB._compiled is not None
+    assert_losses_match(ref, got)
+    assert_grads_match(ref_g, got_g)
