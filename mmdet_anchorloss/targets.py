@@ -3,7 +3,7 @@
 from typing import List, Optional, Sequence
 
 import torch
-from mmdet.models.task_modules.samplers import PseudoSampler
+from mmdet.models.task_modules.samplers import PseudoSampler, RandomSampler
 from mmdet.structures.bbox import get_box_tensor
 from mmengine.structures import InstanceData
 from torch import Tensor
@@ -63,6 +63,8 @@ def sample_batch(
         neg = assign.gt_inds == 0
         avg_factor = pos.sum(dim=1).clamp(min=1).sum().float()
         return pos, neg, avg_factor
+    if type(sampler) is RandomSampler and not sampler.add_gt_as_proposals:
+        return _sample_random(sampler, assign)
     B, N = assign.gt_inds.shape
     pos = torch.zeros(B, N, dtype=torch.bool, device=assign.gt_inds.device)
     neg = torch.zeros_like(pos)
@@ -76,6 +78,42 @@ def sample_batch(
         neg[i, keep[sampling.neg_inds]] = True
         total += sampling.avg_factor
     return pos, neg, torch.tensor(float(total), device=pos.device)
+
+
+def _sample_random(sampler, assign: BatchAssignResult):
+    """``RandomSampler`` for the batch, with upstream's random stream.
+
+    Upstream draws, image by image, a ``randperm`` for the positives and then one for the
+    negatives, each only when there are more candidates than wanted. The counts come back
+    in one host sync; the draws (small CPU calls) are made in the same order with the same
+    sizes; the selection itself is batched.
+    """
+    pos = assign.gt_inds > 0
+    neg = assign.gt_inds == 0
+    num_pos, num_neg = torch.stack([pos.sum(dim=1), neg.sum(dim=1)]).tolist()
+    want_pos = int(sampler.num * sampler.pos_fraction)
+    chosen_pos = torch.zeros(pos.size(0), max(num_pos + [1]), dtype=torch.bool)
+    chosen_neg = torch.zeros(pos.size(0), max(num_neg + [1]), dtype=torch.bool)
+    total = 0
+    for b in range(pos.size(0)):  # the draws must follow upstream's order: pos, neg, next image
+        got_pos = _draw(chosen_pos[b], num_pos[b], want_pos)
+        want_neg = sampler.num - got_pos
+        if sampler.neg_pos_ub >= 0:
+            want_neg = min(want_neg, int(sampler.neg_pos_ub * max(1, got_pos)))
+        got_neg = _draw(chosen_neg[b], num_neg[b], want_neg)
+        total += max(got_pos, 1) + max(got_neg, 1)
+    pos = pos & chosen_pos.to(pos.device).gather(1, (pos.cumsum(dim=1) - 1).clamp(min=0))
+    neg = neg & chosen_neg.to(neg.device).gather(1, (neg.cumsum(dim=1) - 1).clamp(min=0))
+    return pos, neg, torch.tensor(float(total), device=pos.device)
+
+
+def _draw(chosen: Tensor, count: int, want: int) -> int:
+    """Mark ``want`` of ``count`` ranks in ``chosen`` as upstream's ``random_choice``."""
+    if count > want:
+        chosen[torch.randperm(count)[: max(want, 0)]] = True
+        return max(want, 0)
+    chosen[:count] = True
+    return count
 
 
 def build_targets(
@@ -115,3 +153,37 @@ def levels_to_rows(maps: List[Tensor], channels: int) -> Tensor:
     """(B, A*K, H, W) maps of all levels -> (B, N, K), anchors ordered (level, y, x, a)."""
     B = maps[0].size(0)
     return torch.cat([m.permute(0, 2, 3, 1).reshape(B, -1, channels) for m in maps], dim=1)
+
+
+def gather_anchor_rows(
+    maps: List[Tensor],
+    num_base_priors: Sequence[int],
+    level_sizes: Sequence[int],
+    batch_inds: Tensor,
+    anchor_inds: Tensor,
+    channels: int,
+) -> Tensor:
+    """Rows of selected anchors read straight from the level maps (no concatenated copy).
+
+    Args:
+        maps (list[Tensor]): L maps (B, A_l * channels, H_l, W_l).
+        num_base_priors (Sequence[int]): A_l per level.
+        level_sizes (Sequence[int]): N_l = H_l * W_l * A_l per level.
+        batch_inds, anchor_inds (Tensor): (P,) image and anchor (into N) of each row.
+
+    Returns:
+        Tensor: (P, channels), equal to ``levels_to_rows(maps, channels)[batch_inds,
+        anchor_inds]``; differentiable.
+    """
+    out = maps[0].new_zeros(len(anchor_inds), channels)
+    k = torch.arange(channels, device=anchor_inds.device)
+    start = 0
+    for x, a, size in zip(maps, num_base_priors, level_sizes):  # L gathers, no host sync
+        on = (anchor_inds >= start) & (anchor_inds < start + size)
+        local = (anchor_inds - start).clamp(min=0, max=size - 1)
+        S = x.shape[-2] * x.shape[-1]
+        s_idx, a_idx = local // a, local % a
+        flat = ((batch_inds * a + a_idx)[:, None] * channels + k) * S + s_idx[:, None]
+        out = torch.where(on[:, None], x.reshape(-1).take(flat), out)
+        start += size
+    return out

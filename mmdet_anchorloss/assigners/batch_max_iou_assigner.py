@@ -10,7 +10,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
-from .iou_kernels import low_quality_ties, overlap_max, paired_ties
+from .iou_kernels import finalize_assignment, low_quality_ties, overlap_max, paired_ties
 
 NEGATIVE = 0
 IGNORED = -1
@@ -109,13 +109,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
             gt_argmax = torch.where(better, c_arg + s, gt_argmax)
             gt_max = torch.where(better, c_max, gt_max)
 
-        if isinstance(self.neg_iou_thr, tuple):
-            lo, hi = self.neg_iou_thr
-        else:
-            lo, hi = 0, self.neg_iou_thr
-        gt_inds = torch.where((max_ov >= lo) & (max_ov < hi), NEGATIVE, IGNORED)
-        gt_inds = torch.where(max_ov >= self.pos_iou_thr, argmax_ov + 1, gt_inds)
-
+        low = None
         if self.match_low_quality:
             eligible = (gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
             if self.gt_max_assign_all:
@@ -126,15 +120,22 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 low = torch.zeros(B, N, dtype=torch.long, device=device)
                 gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
                 low.scatter_reduce_(1, gt_argmax, torch.where(eligible, gt_ids, 0), 'amax')
-            gt_inds = torch.where(low > 0, low, gt_inds)
-
-        # Images without gts: every anchor upstream sees is negative, IoU 0.
-        has_gt = gt_mask.any(dim=1, keepdim=True)
-        gt_inds = torch.where(has_gt, gt_inds, NEGATIVE)
-        gt_inds = torch.where(inside, gt_inds, IGNORED)
-        max_ov = torch.where(has_gt | ~inside, max_ov, 0.0)
-        labels = torch.gather(gts.labels, 1, (gt_inds - 1).clamp(min=0))
-        labels = torch.where(gt_inds > 0, labels, -1)
+        if low is None:
+            low = torch.zeros(B, N, dtype=torch.long, device=device)
+        lo, hi = (
+            self.neg_iou_thr if isinstance(self.neg_iou_thr, tuple) else (0.0, self.neg_iou_thr)
+        )
+        gt_inds, max_ov, labels = finalize_assignment(
+            max_ov,
+            argmax_ov,
+            low,
+            inside,
+            gt_mask.any(dim=1, keepdim=True),
+            gts.labels,
+            float(lo),
+            float(hi),
+            float(self.pos_iou_thr),
+        )
         return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
 
     def _tied_anchors(

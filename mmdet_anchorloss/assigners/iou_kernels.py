@@ -47,8 +47,9 @@ def _overlap_max(gx1, gy1, gx2, gy2, gt_mask, ax1, ay1, ax2, ay2, inside, ignore
     return max_ov, argmax_ov, gt_max, gt_argmax
 
 
-def _low_quality_ties(gx1, gy1, gx2, gy2, gt_mask, ax1, ay1, ax2, ay2, inside, ignored, gt_max,
-                      eligible):
+def _low_quality_ties(
+    gx1, gy1, gx2, gy2, gt_mask, ax1, ay1, ax2, ay2, inside, ignored, gt_max, eligible
+):
     ov = _masked(gx1, gy1, gx2, gy2, gt_mask, ax1, ay1, ax2, ay2, inside, ignored)
     tie = (ov == gt_max[:, :, None]) & eligible[:, :, None]
     gt_ids = torch.arange(1, gx1.size(1) + 1, device=gx1.device).view(1, -1, 1)
@@ -56,8 +57,9 @@ def _low_quality_ties(gx1, gy1, gx2, gy2, gt_mask, ax1, ay1, ax2, ay2, inside, i
     return torch.where(tie, gt_ids, 0).amax(dim=1)
 
 
-def _paired_ties(gx1, gy1, gx2, gy2, gt_mask, gt_max, eligible, ax1, ay1, ax2, ay2, ignored,
-                 cand_b, cand_n):
+def _paired_ties(
+    gx1, gy1, gx2, gy2, gt_mask, gt_max, eligible, ax1, ay1, ax2, ay2, ignored, cand_b, cand_n
+):
     g = tuple(c[cand_b] for c in (gx1, gy1, gx2, gy2))  # (K, G)
     a = tuple(c[cand_n][:, None] for c in (ax1, ay1, ax2, ay2))  # (K, 1)
     ov = iou_planes(g, a)
@@ -69,8 +71,37 @@ def _paired_ties(gx1, gy1, gx2, gy2, gt_mask, gt_max, eligible, ax1, ay1, ax2, a
     return torch.where(tie, gt_ids, 0).amax(dim=1)
 
 
-_KERNELS = {fn.__name__: MaybeCompiled(fn, cpu_only=True)
-            for fn in (_overlap_max, _low_quality_ties, _paired_ties)}
+def _finalize(
+    max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo: float, hi: float, pos_thr: float
+):
+    """MaxIoUAssigner's steps on (B, N) per-anchor results, fused into one pass.
+
+    Negative if lo <= max IoU < hi; positive (argmax gt) if max IoU >= pos_thr; low-quality
+    matches overwrite; images without gts are all negative with IoU 0; anchors upstream
+    does not see (outside) are ignored.
+    """
+    gt_inds = torch.where((max_ov >= lo) & (max_ov < hi), 0, -1)
+    gt_inds = torch.where(max_ov >= pos_thr, argmax_ov + 1, gt_inds)
+    gt_inds = torch.where(low > 0, low, gt_inds)
+    gt_inds = torch.where(has_gt, gt_inds, 0)
+    gt_inds = torch.where(inside, gt_inds, -1)
+    max_ov = torch.where(has_gt | ~inside, max_ov, 0.0)
+    labels = torch.gather(gt_labels, 1, (gt_inds - 1).clamp(min=0))
+    return gt_inds, max_ov, torch.where(gt_inds > 0, labels, -1)
+
+
+_FINALIZE = MaybeCompiled(_finalize)
+
+
+def finalize_assignment(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, hi, pos_thr):
+    """(B, N) gt_inds, max_overlaps and labels from the per-anchor IoU results."""
+    return _FINALIZE(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, hi, pos_thr)
+
+
+_KERNELS = {
+    fn.__name__: MaybeCompiled(fn, cpu_only=True)
+    for fn in (_overlap_max, _low_quality_ties, _paired_ties)
+}
 
 
 def planes(boxes: Tensor) -> Tuple[Tensor, ...]:
@@ -78,8 +109,9 @@ def planes(boxes: Tensor) -> Tuple[Tensor, ...]:
     return tuple(c.contiguous() for c in boxes.unbind(-1))
 
 
-def overlap_max(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor,
-                ignored: Optional[Tensor]) -> Tuple[Tensor, ...]:
+def overlap_max(
+    gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor, ignored: Optional[Tensor]
+) -> Tuple[Tensor, ...]:
     """(B, n) max IoU and argmax gt per anchor; (B, G) max IoU and argmax anchor per gt.
 
     Args:
@@ -90,16 +122,32 @@ def overlap_max(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor,
     return _KERNELS['_overlap_max'](*planes(gts), gt_mask, *planes(anchors), inside, ignored)
 
 
-def low_quality_ties(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor,
-                     ignored: Optional[Tensor], gt_max: Tensor, eligible: Tensor) -> Tensor:
+def low_quality_ties(
+    gts: Tensor,
+    gt_mask: Tensor,
+    anchors: Tensor,
+    inside: Tensor,
+    ignored: Optional[Tensor],
+    gt_max: Tensor,
+    eligible: Tensor,
+) -> Tensor:
     """(B, n) long: 1 + highest gt index whose best IoU this anchor ties (0 if none)."""
-    return _KERNELS['_low_quality_ties'](*planes(gts), gt_mask, *planes(anchors), inside,
-                                         ignored, gt_max, eligible)
+    return _KERNELS['_low_quality_ties'](
+        *planes(gts), gt_mask, *planes(anchors), inside, ignored, gt_max, eligible
+    )
 
 
-def paired_ties(gts: Tensor, gt_mask: Tensor, gt_max: Tensor, eligible: Tensor,
-                anchors: Tensor, ignored: Optional[Tensor], cand_b: Tensor,
-                cand_n: Tensor) -> Tensor:
+def paired_ties(
+    gts: Tensor,
+    gt_mask: Tensor,
+    gt_max: Tensor,
+    eligible: Tensor,
+    anchors: Tensor,
+    ignored: Optional[Tensor],
+    cand_b: Tensor,
+    cand_n: Tensor,
+) -> Tensor:
     """``low_quality_ties`` for K (image, anchor) candidate pairs only: (K,) long."""
-    return _KERNELS['_paired_ties'](*planes(gts), gt_mask, gt_max, eligible, *planes(anchors),
-                                    ignored, cand_b, cand_n)
+    return _KERNELS['_paired_ties'](
+        *planes(gts), gt_mask, gt_max, eligible, *planes(anchors), ignored, cand_b, cand_n
+    )

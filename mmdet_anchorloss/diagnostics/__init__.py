@@ -18,13 +18,13 @@ from .assignment_stats import (
 )
 
 __all__ = [
-    "IGNORED",
-    "NEGATIVE",
-    "SIZE_BUCKETS",
-    "BatchAssignStats",
-    "ImageAssignStats",
-    "batch_assign_stats",
-    "per_image_stats",
-    "size_buckets",
-    "summarize",
+    'IGNORED',
+    'NEGATIVE',
+    'SIZE_BUCKETS',
+    'BatchAssignStats',
+    'ImageAssignStats',
+    'batch_assign_stats',
+    'per_image_stats',
+    'size_buckets',
+    'summarize',
 ]

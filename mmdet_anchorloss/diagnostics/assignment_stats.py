@@ -26,13 +26,13 @@ NEGATIVE = 0
 IGNORED = -1
 
 #: COCO size buckets by box area (in the network input): small < 32^2 <= medium < 96^2 <= large.
-SIZE_BUCKETS = ("small", "medium", "large")
+SIZE_BUCKETS = ('small', 'medium', 'large')
 SMALL_MAX_AREA = 32.0**2
 MEDIUM_MAX_AREA = 96.0**2
 
 #: Bins of the "positives per gt" histogram: [low, high) and their labels.
 POS_PER_GT_BINS = ((0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 11), (11, 21), (21, 51))
-POS_PER_GT_LABELS = ("0", "1", "2", "3", "4", "5", "6-10", "11-20", "21-50", ">50")
+POS_PER_GT_LABELS = ('0', '1', '2', '3', '4', '5', '6-10', '11-20', '21-50', '>50')
 
 #: Number of equal-width bins on [0, 1] of the best-IoU histogram.
 IOU_HIST_BINS = 20
@@ -153,13 +153,13 @@ def per_image_stats(
     inside_flags = inside_flags.to(device=device, dtype=torch.bool)
     if inside_flags.shape != (anchors.shape[0],):
         raise ValueError(
-            f"inside_flags has shape {tuple(inside_flags.shape)}, expected ({anchors.shape[0]},)"
+            f'inside_flags has shape {tuple(inside_flags.shape)}, expected ({anchors.shape[0]},)'
         )
     num_inside = int(inside_flags.sum())
     if gt_inds.shape != (num_inside,):
         raise ValueError(
-            f"gt_inds has shape {tuple(gt_inds.shape)}, expected ({num_inside},) "
-            "(one entry per inside anchor)"
+            f'gt_inds has shape {tuple(gt_inds.shape)}, expected ({num_inside},) '
+            '(one entry per inside anchor)'
         )
     gt_inds = gt_inds.to(device=device, dtype=torch.long)
     gt_bboxes = gt_bboxes.to(device=device, dtype=torch.float32).reshape(-1, 4)
@@ -234,8 +234,8 @@ def batch_assign_stats(
     """
     if gt_inds.dim() != 2 or gt_inds.shape[1] != sum(level_sizes):
         raise ValueError(
-            f"gt_inds has shape {tuple(gt_inds.shape)}, expected (B, {sum(level_sizes)}) "
-            f"for level sizes {list(level_sizes)}"
+            f'gt_inds has shape {tuple(gt_inds.shape)}, expected (B, {sum(level_sizes)}) '
+            f'for level sizes {list(level_sizes)}'
         )
     if valid is not None:
         gt_inds = gt_inds.masked_fill(~valid, -2)  # neither positive, negative nor ignored
@@ -269,7 +269,7 @@ def _quantiles(values: Tensor) -> Dict[str, float]:
     if values.numel() == 0:
         return {}
     q = torch.quantile(values.double(), torch.tensor(IOU_QUANTILES, dtype=torch.float64))
-    return {f"p{round(p * 100)}": float(v) for p, v in zip(IOU_QUANTILES, q)}
+    return {f'p{round(p * 100)}': float(v) for p, v in zip(IOU_QUANTILES, q)}
 
 
 def _share(num: float, den: float) -> float:
@@ -305,8 +305,8 @@ def iou_histogram(best_iou: Tensor, bins: int = IOU_HIST_BINS) -> Dict[str, List
     idx = (best_iou.double().clamp(0, 1) * bins).floor().long().clamp(max=bins - 1)
     counts = torch.bincount(idx, minlength=bins)
     return {
-        "edges": [i / bins for i in range(bins + 1)],
-        "counts": [int(c) for c in counts],
+        'edges': [i / bins for i in range(bins + 1)],
+        'counts': [int(c) for c in counts],
     }
 
 
@@ -331,13 +331,13 @@ def summarize(
         ``gts_without_pos``, ``best_iou`` (see ``docs/diagnostics.md``).
     """
     if not stats:
-        raise ValueError("summarize() needs the statistics of at least one image")
+        raise ValueError('summarize() needs the statistics of at least one image')
     num_images = len(stats)
     num_levels = int(stats[0].pos_per_level.numel())
     if level_names is None:
-        level_names = [f"level {i}" for i in range(num_levels)]
+        level_names = [f'level {i}' for i in range(num_levels)]
     if len(level_names) != num_levels:
-        raise ValueError(f"{len(level_names)} level names for {num_levels} levels")
+        raise ValueError(f'{len(level_names)} level names for {num_levels} levels')
 
     def total(field: str) -> Tensor:
         return torch.stack([getattr(s, field).cpu() for s in stats]).sum(0)
@@ -345,16 +345,16 @@ def summarize(
     def cat(field: str) -> Tensor:
         return torch.cat([getattr(s, field).cpu() for s in stats])
 
-    anchors_l = total("num_anchors_per_level")
-    inside_l = total("num_inside_per_level")
-    pos_l = total("pos_per_level")
-    neg_l = total("neg_per_level")
-    ign_l = total("ignored_per_level")
-    by_bucket = total("pos_per_level_by_bucket")
-    pos_per_gt = cat("pos_per_gt")
-    buckets = cat("gt_buckets")
-    best_iou = cat("best_iou")
-    best_level = cat("best_level")
+    anchors_l = total('num_anchors_per_level')
+    inside_l = total('num_inside_per_level')
+    pos_l = total('pos_per_level')
+    neg_l = total('neg_per_level')
+    ign_l = total('ignored_per_level')
+    by_bucket = total('pos_per_level_by_bucket')
+    pos_per_gt = cat('pos_per_gt')
+    buckets = cat('gt_buckets')
+    best_iou = cat('best_iou')
+    best_level = cat('best_level')
     num_gts = int(pos_per_gt.numel())
     num_pos = int(pos_l.sum())
 
@@ -362,16 +362,16 @@ def summarize(
     for i, name in enumerate(level_names):
         levels.append(
             {
-                "name": name,
-                "anchors_per_image": int(anchors_l[i]) / num_images,
-                "inside_per_image": int(inside_l[i]) / num_images,
-                "positives": int(pos_l[i]),
-                "positives_per_image": int(pos_l[i]) / num_images,
-                "positive_share": _share(pos_l[i], num_pos),
-                "positives_by_size": {b: int(by_bucket[i, j]) for j, b in enumerate(SIZE_BUCKETS)},
-                "negatives_per_image": int(neg_l[i]) / num_images,
-                "ignored_per_image": int(ign_l[i]) / num_images,
-                "gts_best_here": int((best_level == i).sum()),
+                'name': name,
+                'anchors_per_image': int(anchors_l[i]) / num_images,
+                'inside_per_image': int(inside_l[i]) / num_images,
+                'positives': int(pos_l[i]),
+                'positives_per_image': int(pos_l[i]) / num_images,
+                'positive_share': _share(pos_l[i], num_pos),
+                'positives_by_size': {b: int(by_bucket[i, j]) for j, b in enumerate(SIZE_BUCKETS)},
+                'negatives_per_image': int(neg_l[i]) / num_images,
+                'ignored_per_image': int(ign_l[i]) / num_images,
+                'gts_best_here': int((best_level == i).sum()),
             }
         )
 
@@ -381,52 +381,52 @@ def summarize(
         in_bucket = buckets == j
         n = int(in_bucket.sum())
         by_size[bucket] = {
-            "num_gts": n,
-            "without_pos": int((unmatched & in_bucket).sum()),
-            "share_without_pos": _share((unmatched & in_bucket).sum(), n),
-            "mean_pos_per_gt": float(pos_per_gt[in_bucket].double().mean()) if n else 0.0,
-            "mean_best_iou": float(best_iou[in_bucket].double().mean()) if n else 0.0,
+            'num_gts': n,
+            'without_pos': int((unmatched & in_bucket).sum()),
+            'share_without_pos': _share((unmatched & in_bucket).sum(), n),
+            'mean_pos_per_gt': float(pos_per_gt[in_bucket].double().mean()) if n else 0.0,
+            'mean_best_iou': float(best_iou[in_bucket].double().mean()) if n else 0.0,
         }
 
     best = {
-        "mean": float(best_iou.double().mean()) if num_gts else 0.0,
-        "quantiles": _quantiles(best_iou),
-        "histogram": iou_histogram(best_iou),
+        'mean': float(best_iou.double().mean()) if num_gts else 0.0,
+        'quantiles': _quantiles(best_iou),
+        'histogram': iou_histogram(best_iou),
     }
     if pos_iou_thr is not None:
         below = best_iou < pos_iou_thr
-        best["pos_iou_thr"] = float(pos_iou_thr)
-        best["below_pos_iou_thr"] = int(below.sum())
-        best["share_below_pos_iou_thr"] = _share(below.sum(), num_gts)
+        best['pos_iou_thr'] = float(pos_iou_thr)
+        best['below_pos_iou_thr'] = int(below.sum())
+        best['share_below_pos_iou_thr'] = _share(below.sum(), num_gts)
 
     return {
-        "num_images": num_images,
-        "num_gts": num_gts,
-        "gts_per_image": num_gts / num_images,
-        "anchors": {
-            "total_per_image": int(anchors_l.sum()) / num_images,
-            "inside_per_image": int(inside_l.sum()) / num_images,
-            "outside_per_image": int(anchors_l.sum() - inside_l.sum()) / num_images,
-            "positives": num_pos,
-            "positives_per_image": num_pos / num_images,
-            "negatives": int(neg_l.sum()),
-            "negatives_per_image": int(neg_l.sum()) / num_images,
-            "ignored": int(ign_l.sum()),
-            "ignored_per_image": int(ign_l.sum()) / num_images,
+        'num_images': num_images,
+        'num_gts': num_gts,
+        'gts_per_image': num_gts / num_images,
+        'anchors': {
+            'total_per_image': int(anchors_l.sum()) / num_images,
+            'inside_per_image': int(inside_l.sum()) / num_images,
+            'outside_per_image': int(anchors_l.sum() - inside_l.sum()) / num_images,
+            'positives': num_pos,
+            'positives_per_image': num_pos / num_images,
+            'negatives': int(neg_l.sum()),
+            'negatives_per_image': int(neg_l.sum()) / num_images,
+            'ignored': int(ign_l.sum()),
+            'ignored_per_image': int(ign_l.sum()) / num_images,
         },
-        "levels": levels,
-        "pos_per_gt": {
-            "mean": float(pos_per_gt.double().mean()) if num_gts else 0.0,
-            "min": int(pos_per_gt.min()) if num_gts else 0,
-            "max": int(pos_per_gt.max()) if num_gts else 0,
-            "histogram": pos_per_gt_histogram(pos_per_gt),
+        'levels': levels,
+        'pos_per_gt': {
+            'mean': float(pos_per_gt.double().mean()) if num_gts else 0.0,
+            'min': int(pos_per_gt.min()) if num_gts else 0,
+            'max': int(pos_per_gt.max()) if num_gts else 0,
+            'histogram': pos_per_gt_histogram(pos_per_gt),
         },
-        "gts_without_pos": {
-            "total": int(unmatched.sum()),
-            "share": _share(unmatched.sum(), num_gts),
-            "by_size": by_size,
+        'gts_without_pos': {
+            'total': int(unmatched.sum()),
+            'share': _share(unmatched.sum(), num_gts),
+            'by_size': by_size,
         },
-        "best_iou": best,
+        'best_iou': best,
     }
 
 
@@ -440,8 +440,8 @@ def level_name(index: int, stride: Sequence[float]) -> str:
     if isinstance(stride, (int, float)):
         stride = (stride, stride)
     sw, sh = (int(s) if float(s).is_integer() else s for s in stride[:2])
-    text = f"{sw}" if sw == sh else f"{sw}x{sh}"
-    return f"L{index} (stride {text})"
+    text = f'{sw}' if sw == sh else f'{sw}x{sh}'
+    return f'L{index} (stride {text})'
 
 
 def featmap_sizes(pad_shape: Sequence[int], strides: Sequence[Sequence[float]]) -> List[tuple]:

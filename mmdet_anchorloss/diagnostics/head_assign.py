@@ -64,7 +64,7 @@ class ImageAssignment(NamedTuple):
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if cfg is None:
         return default
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
 
 
 def build_head_parts(model_cfg: Any) -> HeadParts:
@@ -81,24 +81,24 @@ def build_head_parts(model_cfg: Any) -> HeadParts:
     """
     from mmdet.registry import TASK_UTILS
 
-    if _get(model_cfg, "bbox_head") is not None:
-        head_key = "bbox_head"
-        head = model_cfg["bbox_head"]
-        train_cfg = _get(head, "train_cfg") or _get(model_cfg, "train_cfg")
-    elif _get(model_cfg, "rpn_head") is not None:
-        head_key = "rpn_head"
-        head = model_cfg["rpn_head"]
-        train_cfg = _get(head, "train_cfg") or _get(_get(model_cfg, "train_cfg"), "rpn")
+    if _get(model_cfg, 'bbox_head') is not None:
+        head_key = 'bbox_head'
+        head = model_cfg['bbox_head']
+        train_cfg = _get(head, 'train_cfg') or _get(model_cfg, 'train_cfg')
+    elif _get(model_cfg, 'rpn_head') is not None:
+        head_key = 'rpn_head'
+        head = model_cfg['rpn_head']
+        train_cfg = _get(head, 'train_cfg') or _get(_get(model_cfg, 'train_cfg'), 'rpn')
     else:
-        raise ValueError("model has neither bbox_head nor rpn_head: no anchor head to analyse")
-    head_type = str(_get(head, "type", "?"))
-    gen_cfg = _get(head, "anchor_generator") or _get(head, "prior_generator")
+        raise ValueError('model has neither bbox_head nor rpn_head: no anchor head to analyse')
+    head_type = str(_get(head, 'type', '?'))
+    gen_cfg = _get(head, 'anchor_generator') or _get(head, 'prior_generator')
     if gen_cfg is None:
-        raise ValueError(f"model.{head_key} ({head_type}) has no anchor_generator")
-    assigner_cfg = _get(train_cfg, "assigner")
+        raise ValueError(f'model.{head_key} ({head_type}) has no anchor_generator')
+    assigner_cfg = _get(train_cfg, 'assigner')
     if assigner_cfg is None:
-        where = "model.train_cfg.rpn" if head_key == "rpn_head" else "model.train_cfg"
-        raise ValueError(f"{where} has no assigner for model.{head_key} ({head_type})")
+        where = 'model.train_cfg.rpn' if head_key == 'rpn_head' else 'model.train_cfg'
+        raise ValueError(f'{where} has no assigner for model.{head_key} ({head_type})')
     prior_generator = TASK_UTILS.build(gen_cfg)
     assigner = TASK_UTILS.build(assigner_cfg)
     strides = [tuple(float(v) for v in s) for s in prior_generator.strides]
@@ -108,7 +108,7 @@ def build_head_parts(model_cfg: Any) -> HeadParts:
         prior_generator=prior_generator,
         assigner=assigner,
         assigner_cfg=dict(assigner_cfg),
-        allowed_border=int(_get(train_cfg, "allowed_border", -1)),
+        allowed_border=int(_get(train_cfg, 'allowed_border', -1)),
         strides=strides,
         level_names=[level_name(i, s) for i, s in enumerate(strides)],
     )
@@ -116,7 +116,7 @@ def build_head_parts(model_cfg: Any) -> HeadParts:
 
 def _wants_num_level_priors(assigner: Any) -> bool:
     try:
-        return "num_level_priors" in inspect.signature(assigner.assign).parameters
+        return 'num_level_priors' in inspect.signature(assigner.assign).parameters
     except (TypeError, ValueError):
         return False
 
@@ -145,13 +145,13 @@ def assign_like_head(parts: HeadParts, data_sample: Any) -> ImageAssignment:
     from mmengine.structures import InstanceData
 
     meta = data_sample.metainfo
-    input_shape = meta.get("batch_input_shape", meta["pad_shape"])
+    input_shape = meta.get('batch_input_shape', meta['pad_shape'])
     sizes = featmap_sizes(input_shape[:2], parts.strides)
-    anchors = parts.prior_generator.grid_priors(sizes, device="cpu")
-    valid = parts.prior_generator.valid_flags(sizes, meta["pad_shape"], device="cpu")
+    anchors = parts.prior_generator.grid_priors(sizes, device='cpu')
+    valid = parts.prior_generator.valid_flags(sizes, meta['pad_shape'], device='cpu')
     flat = torch.cat(anchors)
     inside = anchor_inside_flags(
-        flat, torch.cat(valid), meta["img_shape"][:2], parts.allowed_border
+        flat, torch.cat(valid), meta['img_shape'][:2], parts.allowed_border
     )
     if not inside.any():
         raise ValueError(
@@ -162,8 +162,8 @@ def assign_like_head(parts: HeadParts, data_sample: Any) -> ImageAssignment:
     gt_instances = data_sample.gt_instances
     if isinstance(gt_instances.bboxes, BaseBoxes):
         gt_instances.bboxes = gt_instances.bboxes.tensor
-    ignore: Optional[InstanceData] = data_sample.get("ignored_instances", None)
-    if ignore is not None and isinstance(ignore.get("bboxes", None), BaseBoxes):
+    ignore: Optional[InstanceData] = data_sample.get('ignored_instances', None)
+    if ignore is not None and isinstance(ignore.get('bboxes', None), BaseBoxes):
         ignore.bboxes = ignore.bboxes.tensor
 
     pred = InstanceData(priors=flat[inside])

@@ -16,21 +16,21 @@ from matplotlib.ticker import MaxNLocator
 from .assignment_stats import SIZE_BUCKETS
 
 #: Colour of gts that have at least one positive anchor (pure green, easy to find in a PNG).
-GT_COLOR = "#00ff00"
+GT_COLOR = '#00ff00'
 #: Colour of gts that have no positive anchor (drawn dashed and thicker).
-UNMATCHED_COLOR = "#ff0000"
+UNMATCHED_COLOR = '#ff0000'
 #: Colours of positive anchors by level (no green, no red: those are the gts').
 LEVEL_COLORS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#9467bd",
-    "#17becf",
-    "#e377c2",
-    "#bcbd22",
-    "#8c564b",
-    "#7f7f7f",
+    '#1f77b4',
+    '#ff7f0e',
+    '#9467bd',
+    '#17becf',
+    '#e377c2',
+    '#bcbd22',
+    '#8c564b',
+    '#7f7f7f',
 )
-SIZE_COLORS = ("#4c72b0", "#dd8452", "#55a868")
+SIZE_COLORS = ('#4c72b0', '#dd8452', '#55a868')
 
 PathLike = Union[str, Path]
 
@@ -79,7 +79,7 @@ def plot_assignments(
     scale = min(max(1.0, 512.0 / max(img_h, img_w)), 4.0)
     fig = _new_figure(img_w * scale / 100 + 2.8, img_h * scale / 100 + 0.6)
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.9))
-    ax.imshow(image, interpolation="nearest")
+    ax.imshow(image, interpolation='nearest')
     ax.set_xlim(-0.5, img_w - 0.5)
     ax.set_ylim(img_h - 0.5, -0.5)
     ax.set_axis_off()
@@ -110,7 +110,7 @@ def plot_assignments(
                 fill=False,
                 edgecolor=GT_COLOR if matched else UNMATCHED_COLOR,
                 linewidth=2.0 if matched else 2.5,
-                linestyle="-" if matched else "--",
+                linestyle='-' if matched else '--',
                 zorder=3,
             )
         )
@@ -118,45 +118,45 @@ def plot_assignments(
             x1,
             y1,
             str(int(n)),
-            color="black",
+            color='black',
             fontsize=7,
-            va="bottom",
-            ha="left",
+            va='bottom',
+            ha='left',
             zorder=4,
             bbox=dict(
-                facecolor=GT_COLOR if matched else UNMATCHED_COLOR, edgecolor="none", pad=0.5
+                facecolor=GT_COLOR if matched else UNMATCHED_COLOR, edgecolor='none', pad=0.5
             ),
         )
 
     num_unmatched = int((counts == 0).sum())
     handles = [
         Line2D(
-            [], [], color=GT_COLOR, lw=2, label=f"gt with positives ({len(counts) - num_unmatched})"
+            [], [], color=GT_COLOR, lw=2, label=f'gt with positives ({len(counts) - num_unmatched})'
         ),
         Line2D(
             [],
             [],
             color=UNMATCHED_COLOR,
             lw=2.5,
-            ls="--",
-            label=f"gt, no positive ({num_unmatched})",
+            ls='--',
+            label=f'gt, no positive ({num_unmatched})',
         ),
     ]
     for i, name in enumerate(level_names):
         n = int((levels == i).sum())
-        handles.append(Line2D([], [], color=level_color(i), lw=1.5, label=f"{name}: {n} pos"))
+        handles.append(Line2D([], [], color=level_color(i), lw=1.5, label=f'{name}: {n} pos'))
     ax.legend(
         handles=handles,
-        loc="upper left",
+        loc='upper left',
         bbox_to_anchor=(1.01, 1.0),
         fontsize=8,
-        title="number = positives of the gt",
+        title='number = positives of the gt',
         title_fontsize=7,
         frameon=False,
     )
     if title:
         ax.set_title(title, fontsize=9)
-    fig.savefig(out_path, bbox_inches="tight", dpi=100)
+    fig.savefig(out_path, bbox_inches='tight', dpi=100)
 
 
 def plot_best_iou_hist(
@@ -181,7 +181,7 @@ def plot_best_iou_hist(
     values = _numpy(best_iou).reshape(-1)
     bins = np.linspace(0, 1, 21)
     if buckets is None:
-        ax.hist(values, bins=bins, color=SIZE_COLORS[0], edgecolor="white")
+        ax.hist(values, bins=bins, color=SIZE_COLORS[0], edgecolor='white')
     else:
         size = _numpy(buckets).reshape(-1)
         ax.hist(
@@ -189,22 +189,22 @@ def plot_best_iou_hist(
             bins=bins,
             stacked=True,
             color=list(SIZE_COLORS),
-            edgecolor="white",
-            label=[f"{b} gts" for b in SIZE_BUCKETS],
+            edgecolor='white',
+            label=[f'{b} gts' for b in SIZE_BUCKETS],
         )
-    styles = ("--", ":", "-.", "-")
+    styles = ('--', ':', '-.', '-')
     for i, (name, thr) in enumerate((thresholds or {}).items()):
         ax.axvline(
-            thr, color="#c44e52", ls=styles[i % len(styles)], lw=1.5, label=f"{name}={thr:g}"
+            thr, color='#c44e52', ls=styles[i % len(styles)], lw=1.5, label=f'{name}={thr:g}'
         )
     if thresholds or buckets is not None:
         ax.legend(fontsize=8)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(0, 1)
     ax.set_xlabel("gt's best IoU with any anchor the assigner sees")
-    ax.set_ylabel("number of gts")
-    ax.set_title(title or f"Best anchor IoU per gt ({len(values)} gts)", fontsize=10)
-    fig.savefig(out_path, bbox_inches="tight")
+    ax.set_ylabel('number of gts')
+    ax.set_title(title or f'Best anchor IoU per gt ({len(values)} gts)', fontsize=10)
+    fig.savefig(out_path, bbox_inches='tight')
 
 
 def plot_positives_per_level(
@@ -217,29 +217,29 @@ def plot_positives_per_level(
         out_path (str | Path): PNG to write.
         title (str, optional): axes title.
     """
-    levels = summary["levels"]
-    num_images = max(summary["num_images"], 1)
+    levels = summary['levels']
+    num_images = max(summary['num_images'], 1)
     fig = _new_figure(max(4.0, 1.0 + 0.9 * len(levels)), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(levels))
     bottom = np.zeros(len(levels))
     for bucket, color in zip(SIZE_BUCKETS, SIZE_COLORS):
-        heights = np.array([lv["positives_by_size"][bucket] / num_images for lv in levels])
-        ax.bar(x, heights, bottom=bottom, color=color, label=f"{bucket} gts")
+        heights = np.array([lv['positives_by_size'][bucket] / num_images for lv in levels])
+        ax.bar(x, heights, bottom=bottom, color=color, label=f'{bucket} gts')
         bottom += heights
     for xi, total, lv in zip(x, bottom, levels):
         ax.text(
             xi,
             total,
             f'{total:.1f}\n{100 * lv["positive_share"]:.0f}%',
-            ha="center",
-            va="bottom",
+            ha='center',
+            va='bottom',
             fontsize=7,
         )
     ax.set_xticks(x)
-    ax.set_xticklabels([lv["name"] for lv in levels], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("positive anchors per image")
+    ax.set_xticklabels([lv['name'] for lv in levels], rotation=30, ha='right', fontsize=8)
+    ax.set_ylabel('positive anchors per image')
     ax.set_ylim(0, max(float(bottom.max()) * 1.25, 1.0))
     ax.legend(fontsize=8)
     ax.set_title(title or f'Positives per level ({summary["num_images"]} images)', fontsize=10)
-    fig.savefig(out_path, bbox_inches="tight")
+    fig.savefig(out_path, bbox_inches='tight')

@@ -8,8 +8,8 @@ from .assignment_stats import SIZE_BUCKETS
 
 
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
     return lines
 
 
@@ -23,10 +23,10 @@ def summary_to_markdown(summary: dict, info: Optional[Dict[str, str]] = None) ->
     Returns:
         str: the Markdown text, ending with a newline.
     """
-    out = ["# Anchor assignment summary", ""]
+    out = ['# Anchor assignment summary', '']
     for key, value in (info or {}).items():
-        out.append(f"- **{key}**: {value}")
-    anchors = summary["anchors"]
+        out.append(f'- **{key}**: {value}')
+    anchors = summary['anchors']
     out += [
         f'- **images**: {summary["num_images"]}, **gts**: {summary["num_gts"]} '
         f'({summary["gts_per_image"]:.2f} per image)',
@@ -38,85 +38,85 @@ def summary_to_markdown(summary: dict, info: Optional[Dict[str, str]] = None) ->
         f'{anchors["ignored_per_image"]:.1f} ignored (neither)',
         f'- **totals**: {anchors["positives"]} positive, {anchors["negatives"]} negative, '
         f'{anchors["ignored"]} ignored',
-        "",
-        "## Positives per level",
-        "",
+        '',
+        '## Positives per level',
+        '',
     ]
     rows = []
-    for lv in summary["levels"]:
-        by = lv["positives_by_size"]
+    for lv in summary['levels']:
+        by = lv['positives_by_size']
         rows.append(
             [
-                lv["name"],
+                lv['name'],
                 f'{lv["inside_per_image"]:.0f}',
-                str(lv["positives"]),
+                str(lv['positives']),
                 f'{lv["positives_per_image"]:.2f}',
                 f'{100 * lv["positive_share"]:.1f}%',
-                " / ".join(str(by[b]) for b in SIZE_BUCKETS),
-                str(lv["gts_best_here"]),
+                ' / '.join(str(by[b]) for b in SIZE_BUCKETS),
+                str(lv['gts_best_here']),
             ]
         )
     out += _table(
         [
-            "level",
-            "anchors seen / img",
-            "positives",
-            "pos / img",
-            "share",
-            "pos of small / medium / large gts",
-            "gts whose best anchor is here",
+            'level',
+            'anchors seen / img',
+            'positives',
+            'pos / img',
+            'share',
+            'pos of small / medium / large gts',
+            'gts whose best anchor is here',
         ],
         rows,
     )
 
-    ppg = summary["pos_per_gt"]
+    ppg = summary['pos_per_gt']
     out += [
-        "",
-        "## Positives per gt",
-        "",
+        '',
+        '## Positives per gt',
+        '',
         f'mean {ppg["mean"]:.2f}, min {ppg["min"]}, max {ppg["max"]}',
-        "",
+        '',
     ]
-    hist = ppg["histogram"]
-    out += _table(["positives"] + list(hist), [["gts"] + [str(v) for v in hist.values()]])
+    hist = ppg['histogram']
+    out += _table(['positives'] + list(hist), [['gts'] + [str(v) for v in hist.values()]])
 
-    unmatched = summary["gts_without_pos"]
+    unmatched = summary['gts_without_pos']
     out += [
-        "",
-        "## Gts with no positive anchor",
-        "",
+        '',
+        '## Gts with no positive anchor',
+        '',
         f'{unmatched["total"]} of {summary["num_gts"]} ({100 * unmatched["share"]:.1f}%). '
         'Size buckets by box area in the network input (COCO: small < 32², medium < 96²).',
-        "",
+        '',
     ]
     rows = []
     for bucket in SIZE_BUCKETS:
-        b = unmatched["by_size"][bucket]
+        b = unmatched['by_size'][bucket]
         rows.append(
             [
                 bucket,
-                str(b["num_gts"]),
-                str(b["without_pos"]),
+                str(b['num_gts']),
+                str(b['without_pos']),
                 f'{100 * b["share_without_pos"]:.1f}%',
                 f'{b["mean_pos_per_gt"]:.2f}',
                 f'{b["mean_best_iou"]:.3f}',
             ]
         )
-    out += _table(["size", "gts", "no positive", "share", "mean pos / gt", "mean best IoU"], rows)
+    out += _table(['size', 'gts', 'no positive', 'share', 'mean pos / gt', 'mean best IoU'], rows)
 
-    best = summary["best_iou"]
+    best = summary['best_iou']
     line = f'mean {best["mean"]:.3f}'
-    if "pos_iou_thr" in best:
+    if 'pos_iou_thr' in best:
         line += (
             f'; {best["below_pos_iou_thr"]} gts ({100 * best["share_below_pos_iou_thr"]:.1f}%) '
             f'have no anchor with IoU >= pos_iou_thr={best["pos_iou_thr"]:g} (positive only '
             'through low-quality matching, if at all)'
         )
-    out += ["", "## Each gt's best anchor IoU", "", line]
-    q = best["quantiles"]
+    out += ['', "## Each gt's best anchor IoU", '', line]
+    q = best['quantiles']
     if q:
-        out += ["", "Quantiles:", ""] + _table(list(q), [[f"{v:.3f}" for v in q.values()]])
-    edges, counts = best["histogram"]["edges"], best["histogram"]["counts"]
-    out += ["", "Histogram (gts per IoU bin, bins [lo, hi), the last one closed):", ""]
-    out += _table([f"{lo:.2f}" for lo in edges[:-1]], [[str(c) for c in counts]])
-    return "\n".join(out) + "\n"
+        out += ['', 'Quantiles:', ''] + _table(list(q), [[f'{v:.3f}' for v in q.values()]])
+    edges, counts = best['histogram']['edges'], best['histogram']['counts']
+    out += ['', 'Histogram (gts per IoU bin, bins [lo, hi), the last one closed):', '']
+    out += _table([f'{lo:.2f}' for lo in edges[:-1]], [[str(c) for c in counts]])
+    return '\n'.join(out) + '\n'

@@ -57,9 +57,7 @@ class AnchorLossSSDHead(_PluginHeadInit, BatchedAnchorLossMixin, SSDHead):
         t = inputs.targets
         B, N = t.labels.shape
         ce = (
-            softmax_cross_entropy_rows(
-                cls_scores, self.prior_generator.num_base_anchors, t.labels
-            )
+            softmax_cross_entropy_rows(cls_scores, self.prior_generator.num_base_anchors, t.labels)
             * t.label_weights
         )
         pos = t.labels < self.num_classes

@@ -21,7 +21,7 @@ from ..losses.fused_cross_entropy_loss import FusedCrossEntropyLoss
 from ..losses.level_reduce import normalise, rows_of, segment_sum
 from ..losses.softmax_levels import softmax_cross_entropy_rows
 from ..structures import PaddedBoxes, SampledTargets, pad_instances
-from ..targets import assign_batch, build_targets, levels_to_rows, sample_batch
+from ..targets import assign_batch, build_targets, gather_anchor_rows, levels_to_rows, sample_batch
 from ..validation import (
     check_batch_lengths,
     check_finite_predictions,
@@ -154,7 +154,14 @@ class BatchedAnchorLossMixin:
         """(P, box_dim) predictions of the positives, decoded with ``reg_decoded_bbox``."""
         t, a = inputs.targets, inputs.anchors
         box_dim = self.bbox_coder.encode_size
-        pred = levels_to_rows(bbox_preds, box_dim)[t.pos_batch_inds, t.pos_anchor_inds]
+        pred = gather_anchor_rows(
+            bbox_preds,
+            self.prior_generator.num_base_anchors,
+            a.level_sizes,
+            t.pos_batch_inds,
+            t.pos_anchor_inds,
+            box_dim,
+        )
         if self.reg_decoded_bbox:
             pred = get_box_tensor(self.bbox_coder.decode(a.anchors[t.pos_anchor_inds], pred))
         return pred

@@ -28,8 +28,12 @@ class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
 
     def _fusable_softmax(self) -> bool:
         """Softmax read straight from the level maps (no class_weight / ignore_index)."""
-        return not self.use_sigmoid and not self.use_mask and self.class_weight is None \
+        return (
+            not self.use_sigmoid
+            and not self.use_mask
+            and self.class_weight is None
             and self.ignore_index is None
+        )
 
     def forward(
         self,

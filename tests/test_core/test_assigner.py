@@ -96,7 +96,7 @@ def test_chunked_compiled_and_generic_paths_agree(assign_all, monkeypatch):
     generic = BatchMaxIoUAssigner(**kw)
     generic.iou_calculator = _GenericIoU()
     generic = generic.assign_batch(a, inside, gts)
-    for kernel in iou_kernels._KERNELS.values():
+    for kernel in (*iou_kernels._KERNELS.values(), iou_kernels._FINALIZE):
         monkeypatch.setattr(kernel, 'mode', '1')
     compiled = BatchMaxIoUAssigner(max_chunk_elems=1 << 14, **kw).assign_batch(a, inside, gts)
     assert iou_kernels._KERNELS['_overlap_max']._compiled is not None
