@@ -10,7 +10,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
-from .iou_kernels import finalize_assignment, low_quality_ties, overlap_max, paired_ties
+from .iou_kernels import chunk_ties, finalize_assignment, low_quality_ties, overlap_max
 
 NEGATIVE = 0
 IGNORED = -1
@@ -30,7 +30,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
     config compatibility; chunking replaces the CPU fallback.
     """
 
-    def __init__(self, *args, max_chunk_elems: int = 1 << 22, **kwargs) -> None:
+    def __init__(self, *args, max_chunk_elems: int = 1 << 20, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_chunk_elems = int(max_chunk_elems)
 
@@ -96,6 +96,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         argmax_ov = torch.empty(B, N, dtype=torch.long, device=device)
         gt_max = anchors.new_full((B, G), float('-inf'))
         gt_argmax = torch.zeros(B, G, dtype=torch.long, device=device)
+        chunk_max = []  # (B, G) best IoU of each gt within each chunk
         for s, e in bounds:
             m, am, c_max, c_arg = overlap_max(
                 gts.bboxes,
@@ -105,6 +106,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 None if ignored is None else ignored[:, s:e],
             )
             max_ov[:, s:e], argmax_ov[:, s:e] = m, am
+            chunk_max.append(c_max)
             better = c_max > gt_max  # strict: the first anchor of a tie wins, as in max()
             gt_argmax = torch.where(better, c_arg + s, gt_argmax)
             gt_max = torch.where(better, c_max, gt_max)
@@ -114,7 +116,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
             eligible = (gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
             if self.gt_max_assign_all:
                 low = self._tied_anchors(
-                    anchors, gts, ignored, max_ov, gt_max, eligible, ties, inside, bounds
+                    anchors, gts, ignored, gt_max, eligible, ties, inside, bounds, chunk_max
                 )
             else:  # each gt claims its first best anchor; later gts overwrite earlier ones
                 low = torch.zeros(B, N, dtype=torch.long, device=device)
@@ -139,21 +141,18 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
 
     def _tied_anchors(
-        self, anchors, gts, ignored, max_ov, gt_max, eligible, ties, inside, bounds
+        self, anchors, gts, ignored, gt_max, eligible, ties, inside, bounds, chunk_max
     ) -> Tensor:
         """(B, N) long: 1 + the highest gt index whose best IoU the anchor ties, else 0.
 
-        An anchor ties gt g only if its own best IoU is >= gt_max[g], so only anchors with
-        max_ov >= the smallest eligible gt_max of their image are candidates; their IoUs
-        are recomputed pairwise (bitwise the same values). When candidates are most
-        anchors (e.g. a gt with best IoU 0 and min_pos_iou=0), or the IoU calculator is not
-        the default one, the chunked pass over all anchors is used.
+        Upstream compares every anchor with every gt's best IoU. An anchor can only tie gt g
+        inside a chunk where g's best IoU within the chunk equals its overall best, so the
+        IoU is recomputed (bitwise the same values) only for those (chunk, image, gt)
+        triples: usually one or two chunks per gt instead of all of them. With a calculator
+        other than the default, every chunk is recomputed.
         """
-        B, N = max_ov.shape
-        G = gt_max.size(1)
-        thr = torch.where(eligible, gt_max, float('inf')).amin(dim=1, keepdim=True)
-        cand_b, cand_n = ((max_ov >= thr) & inside).nonzero(as_tuple=True)
-        if ties is not low_quality_ties or len(cand_b) * 4 > B * N:
+        B, N = inside.shape
+        if ties is not low_quality_ties:
             return torch.cat(
                 [
                     ties(
@@ -169,12 +168,20 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 ],
                 dim=1,
             )
-        low = torch.zeros(B, N, dtype=torch.long, device=max_ov.device)
-        step = max(1, self.max_chunk_elems // max(1, G))
-        for s in range(0, len(cand_b), step):
-            b, n = cand_b[s : s + step], cand_n[s : s + step]
-            low[b, n] = paired_ties(gts.bboxes, gts.mask, gt_max, eligible, anchors, ignored, b, n)
-        return low
+        need = (torch.stack(chunk_max) == gt_max) & eligible  # (C, B, G)
+        c, b, g = need.nonzero(as_tuple=True)  # one host sync
+        starts = torch.tensor([s for s, _ in bounds], device=anchors.device)
+        length = bounds[0][1] - bounds[0][0]
+        low = torch.zeros(B * N, dtype=torch.long, device=anchors.device)
+        step = max(1, self.max_chunk_elems // max(1, length))
+        for i in range(0, len(c), step):  # bounds memory when many gts tie everywhere
+            ci, bi, gi = c[i : i + step], b[i : i + step], g[i : i + step]
+            idx = starts[ci, None] + torch.arange(length, device=anchors.device)  # (M, L)
+            valid = idx < N
+            idx = idx.clamp(max=N - 1)
+            gt_ids = chunk_ties(gts.bboxes, gt_max, anchors, inside, ignored, bi, gi, idx, valid)
+            low.scatter_reduce_(0, (bi[:, None] * N + idx).view(-1), gt_ids.view(-1), 'amax')
+        return low.view(B, N)
 
     def _kernels(self):
         """Fused IoU kernels for the default ``BboxOverlaps2D``; else the configured one."""

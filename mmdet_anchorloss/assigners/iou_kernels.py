@@ -57,18 +57,37 @@ def _low_quality_ties(
     return torch.where(tie, gt_ids, 0).amax(dim=1)
 
 
-def _paired_ties(
-    gx1, gy1, gx2, gy2, gt_mask, gt_max, eligible, ax1, ay1, ax2, ay2, ignored, cand_b, cand_n
-):
-    g = tuple(c[cand_b] for c in (gx1, gy1, gx2, gy2))  # (K, G)
-    a = tuple(c[cand_n][:, None] for c in (ax1, ay1, ax2, ay2))  # (K, 1)
-    ov = iou_planes(g, a)
+def chunk_ties(
+    gts: Tensor,
+    gt_max: Tensor,
+    anchors: Tensor,
+    inside: Tensor,
+    ignored: Optional[Tensor],
+    b: Tensor,
+    g: Tensor,
+    idx: Tensor,
+    valid: Tensor,
+) -> Tensor:
+    """For M (image, gt) pairs and M rows of anchor indices: where the anchor ties the gt's
+    best IoU, the gt's 1-based index, else 0.
+
+    Args:
+        gts (Tensor): (B, G, 4). gt_max (Tensor): (B, G). anchors (Tensor): (N, 4).
+        inside (Tensor): (B, N) bool. ignored (Tensor, optional): (B, N) bool.
+        b, g (Tensor): (M,) long. idx (Tensor): (M, L) long anchor indices; valid (M, L).
+
+    Returns:
+        Tensor: (M, L) long.
+    """
+    box = gts[b, g]  # (M, 4)
+    gp = tuple(c[:, None] for c in box.unbind(-1))
+    ap = tuple(c[idx] for c in planes(anchors))  # (M, L) each
+    ov = iou_planes(gp, ap)
     if ignored is not None:
-        ov = torch.where(ignored[cand_b, cand_n][:, None], -1.0, ov)
-    ov = torch.where(gt_mask[cand_b], ov, float('-inf'))
-    tie = (ov == gt_max[cand_b]) & eligible[cand_b]
-    gt_ids = torch.arange(1, gx1.size(1) + 1, device=gx1.device)
-    return torch.where(tie, gt_ids, 0).amax(dim=1)
+        ov = torch.where(ignored[b[:, None], idx], -1.0, ov)
+    ok = inside[b[:, None], idx] & valid
+    tie = ok & (ov == gt_max[b, g][:, None])
+    return torch.where(tie, (g + 1)[:, None], 0)
 
 
 def _finalize(
@@ -100,7 +119,7 @@ def finalize_assignment(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, h
 
 _KERNELS = {
     fn.__name__: MaybeCompiled(fn, cpu_only=True)
-    for fn in (_overlap_max, _low_quality_ties, _paired_ties)
+    for fn in (_overlap_max, _low_quality_ties)
 }
 
 
@@ -134,20 +153,4 @@ def low_quality_ties(
     """(B, n) long: 1 + highest gt index whose best IoU this anchor ties (0 if none)."""
     return _KERNELS['_low_quality_ties'](
         *planes(gts), gt_mask, *planes(anchors), inside, ignored, gt_max, eligible
-    )
-
-
-def paired_ties(
-    gts: Tensor,
-    gt_mask: Tensor,
-    gt_max: Tensor,
-    eligible: Tensor,
-    anchors: Tensor,
-    ignored: Optional[Tensor],
-    cand_b: Tensor,
-    cand_n: Tensor,
-) -> Tensor:
-    """``low_quality_ties`` for K (image, anchor) candidate pairs only: (K,) long."""
-    return _KERNELS['_paired_ties'](
-        *planes(gts), gt_mask, gt_max, eligible, *planes(anchors), ignored, cand_b, cand_n
     )
