@@ -119,6 +119,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     g[..., 2:] = g[..., :2] + 4 + torch.rand(1, G, 2, generator=gen) * 100
     gts = PaddedBoxes(g, torch.zeros(1, G, dtype=torch.long), torch.ones(1, G, dtype=torch.bool))
     inside = torch.ones(1, N, dtype=torch.bool)
+    assigner = BatchMaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4)
+    small = PaddedBoxes(g[:, :7], gts.labels[:, :7], gts.mask[:, :7])
+    assigner.assign_batch(a[:5000], inside[:, :5000], small)  # compile (if on) before measuring
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = BatchMaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4).assign_batch(a, inside, gts)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
