@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Distributed training with torchrun: tools/dist_train.sh CONFIG NUM_PROCS [train.py args]
+# Works without CUDA too (gloo backend, one process per CPU worker; see
+# mmdet_anchorloss/engine/launch.py). NNODES, NODE_RANK, MASTER_ADDR and PORT as in mmdet.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 CONFIG NUM_PROCS [tools/train.py arguments]" >&2
+  exit 2
+fi
+CONFIG=$1
+NUM_PROCS=$2
+shift 2
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+PORT=${PORT:-29500}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+TOOLS_DIR=$(dirname "$0")
+# The project venv when there is one (make install), else python on PATH.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  [ -x "$TOOLS_DIR/../.venv/bin/python" ] && PYTHON="$TOOLS_DIR/../.venv/bin/python"
+fi
+
+PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \
+"$PYTHON" -m torch.distributed.run \
+  --nnodes="$NNODES" \
+  --node_rank="$NODE_RANK" \
+  --master_addr="$MASTER_ADDR" \
+  --nproc_per_node="$NUM_PROCS" \
+  --master_port="$PORT" \
+  "$TOOLS_DIR/train.py" \
+  "$CONFIG" \
+  --launcher pytorch "$@"
