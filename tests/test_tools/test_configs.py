@@ -140,6 +140,7 @@ COCO_PLUGIN_CONFIGS = [p for p in PLUGIN_CONFIGS if p.parent.name == 'coco']
 def test_coco_config_loss_step_matches_twin(path):
     torch.manual_seed(0)
     plugin = build_model(load(path)).train()
+    plugin.init_weights()  # e.g. SSD's L2Norm weight is uninitialised memory until then
     upstream = build_model(load(twin_of(path))).train()
     upstream.load_state_dict(plugin.state_dict())
     batch = 1 if 'ssd' in path.stem else 3
