@@ -152,7 +152,11 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         other than the default, every chunk is recomputed.
         """
         B, N = inside.shape
-        if ties is not low_quality_ties:
+        need = (torch.stack(chunk_max) == gt_max) & eligible  # (C, B, G)
+        c, b, g = need.nonzero(as_tuple=True)  # one host sync
+        if ties is not low_quality_ties or 2 * len(c) > need.numel():
+            # other calculator, or most (chunk, gt) pairs needed (one chunk, few anchors):
+            # the fused pass over every chunk is cheaper than gathering pairs
             return torch.cat(
                 [
                     ties(
@@ -168,8 +172,6 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 ],
                 dim=1,
             )
-        need = (torch.stack(chunk_max) == gt_max) & eligible  # (C, B, G)
-        c, b, g = need.nonzero(as_tuple=True)  # one host sync
         starts = torch.tensor([s for s, _ in bounds], device=anchors.device)
         length = bounds[0][1] - bounds[0][0]
         low = torch.zeros(B * N, dtype=torch.long, device=anchors.device)

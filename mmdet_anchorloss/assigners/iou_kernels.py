@@ -118,8 +118,7 @@ def finalize_assignment(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, h
 
 
 _KERNELS = {
-    fn.__name__: MaybeCompiled(fn, cpu_only=True)
-    for fn in (_overlap_max, _low_quality_ties)
+    fn.__name__: MaybeCompiled(fn, cpu_only=True) for fn in (_overlap_max, _low_quality_ties)
 }
 
 
