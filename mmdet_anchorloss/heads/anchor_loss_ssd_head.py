@@ -38,6 +38,11 @@ class AnchorLossSSDHead(_PluginHeadInit, BatchedAnchorLossMixin, SSDHead):
     the result has one entry per image, not per level.
     """
 
+    # mmdet 3.3.0's SSDHead cannot predict: BaseDenseHead reads ``self.loss_cls`` and SSD
+    # has none (mmdetection issues 11063, 11305). None makes that check read False; the
+    # loss never uses it. ``engine.launch.fix_ssd_head_predict`` does the same for SSDHead.
+    loss_cls = None
+
     def loss_by_feat(
         self,
         cls_scores,

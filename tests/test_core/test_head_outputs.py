@@ -57,3 +57,24 @@ def _bounds(head, sizes):
     for (h, w), a in zip(sizes, head.prior_generator.num_base_anchors):
         yield start, start + h * w * a
         start += h * w * a
+
+
+def test_plugin_ssd_head_predicts():
+    """mmdet 3.3.0's SSDHead cannot predict (no loss_cls); the plugin head can."""
+    from helpers import ssd_cfg
+    from mmengine.config import ConfigDict
+    from mmengine.structures import BaseDataElement
+
+    test_cfg = dict(
+        nms_pre=100,
+        nms=dict(type='nms', iou_threshold=0.45),
+        min_bbox_size=0,
+        score_thr=0.02,
+        max_per_img=20,
+    )
+    head = build(to_plugin(ssd_cfg()))
+    head.test_cfg = ConfigDict(test_cfg)
+    feats = tuple(torch.randn(1, 8, s, s) for s in (38, 19, 10, 5, 3, 1))
+    meta = dict(img_shape=(300, 300), scale_factor=(1.0, 1.0), ori_shape=(300, 300))
+    result = head.predict(feats, [BaseDataElement(metainfo=meta)], rescale=False)
+    assert result[0].bboxes.shape == (20, 4) and result[0].scores.shape == (20,)
