@@ -32,7 +32,7 @@ fi
 # want setuptools>=77,<82 at run time. Build with the old one, then move to the pinned one.
 MMCV_BUILD_SETUPTOOLS="setuptools==69.5.1"
 
-say "mmcv 2.1.0 with compiled ops (first build: about 9 minutes on 2 cores)"
+say "mmcv 2.1.0 with compiled ops (first build: about 7 minutes on 2 cores)"
 if "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
   echo "[install]   mmcv $("$PY" -c 'import mmcv; print(mmcv.__version__)') with ops present, kept"
 else
