@@ -18,6 +18,18 @@ __version__ = '0.1.0'
 
 register_safe_checkpoint_globals()  # torch>=2.6 weights_only resume, see engine/checkpoint.py
 
+# The switch a user makes in a config: upstream type -> plugin twin (same arguments).
+PLUGIN_TWINS = {
+    'AnchorHead': 'AnchorLossHead',
+    'RetinaHead': 'AnchorLossRetinaHead',
+    'RPNHead': 'AnchorLossRPNHead',
+    'SSDHead': 'AnchorLossSSDHead',
+    'FocalLoss': 'FusedFocalLoss',
+    'CrossEntropyLoss': 'FusedCrossEntropyLoss',
+    'MaxIoUAssigner': 'BatchMaxIoUAssigner',
+    'DeltaXYWHBBoxCoder': 'BatchDeltaXYWHBBoxCoder',
+}
+
 REGISTERED = {
     'MODELS': [
         'AnchorLossHead',

@@ -8,20 +8,11 @@ from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 from mmengine.structures import InstanceData
 
-import mmdet_anchorloss  # noqa: F401  (registers the plugin classes)
+import mmdet_anchorloss  # registers the plugin classes
 
 register_all_modules()
 
-PLUGIN_TYPES = {
-    'AnchorHead': 'AnchorLossHead',
-    'RetinaHead': 'AnchorLossRetinaHead',
-    'RPNHead': 'AnchorLossRPNHead',
-    'SSDHead': 'AnchorLossSSDHead',
-    'FocalLoss': 'FusedFocalLoss',
-    'CrossEntropyLoss': 'FusedCrossEntropyLoss',
-    'MaxIoUAssigner': 'BatchMaxIoUAssigner',
-    'DeltaXYWHBBoxCoder': 'BatchDeltaXYWHBBoxCoder',
-}
+PLUGIN_TYPES = mmdet_anchorloss.PLUGIN_TWINS
 
 
 def retina_cfg(num_classes: int = 5, **overrides) -> dict:

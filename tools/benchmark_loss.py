@@ -74,16 +74,7 @@ LOSS_RTOL = 1e-4
 FLOOR_REPEATS = 5
 PROFILE_ROWS = 10
 # Plugin twins of the upstream types in a head config.
-PLUGIN_TYPES = {
-    'AnchorHead': 'AnchorLossHead',
-    'RetinaHead': 'AnchorLossRetinaHead',
-    'RPNHead': 'AnchorLossRPNHead',
-    'SSDHead': 'AnchorLossSSDHead',
-    'FocalLoss': 'FusedFocalLoss',
-    'CrossEntropyLoss': 'FusedCrossEntropyLoss',
-    'MaxIoUAssigner': 'BatchMaxIoUAssigner',
-    'DeltaXYWHBBoxCoder': 'BatchDeltaXYWHBBoxCoder',
-}
+PLUGIN_TYPES = mmdet_anchorloss.PLUGIN_TWINS
 
 
 class Case(NamedTuple):

@@ -12,30 +12,15 @@ from mmdet.testing import demo_mm_inputs
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
 
+import mmdet_anchorloss
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / 'configs'
 ALL_CONFIGS = sorted(p for p in CONFIG_DIR.rglob('*.py') if '_base_' not in p.parts)
 PLUGIN_CONFIGS = [p for p in ALL_CONFIGS if not p.stem.endswith('_upstream')]
-PLUGIN_TYPES = {
-    'AnchorLossHead',
-    'AnchorLossRetinaHead',
-    'AnchorLossRPNHead',
-    'AnchorLossSSDHead',
-    'FusedFocalLoss',
-    'FusedCrossEntropyLoss',
-    'BatchMaxIoUAssigner',
-    'BatchDeltaXYWHBBoxCoder',
-}
+PLUGIN_TYPES = set(mmdet_anchorloss.PLUGIN_TWINS.values())
 # Upstream twin type of each plugin type.
-UPSTREAM_OF = {
-    'AnchorLossRetinaHead': 'RetinaHead',
-    'AnchorLossRPNHead': 'RPNHead',
-    'AnchorLossSSDHead': 'SSDHead',
-    'FusedFocalLoss': 'FocalLoss',
-    'FusedCrossEntropyLoss': 'CrossEntropyLoss',
-    'BatchMaxIoUAssigner': 'MaxIoUAssigner',
-    'BatchDeltaXYWHBBoxCoder': 'DeltaXYWHBBoxCoder',
-}
+UPSTREAM_OF = {plugin: upstream for upstream, plugin in mmdet_anchorloss.PLUGIN_TWINS.items()}
 
 
 def rel(path: Path) -> str:
