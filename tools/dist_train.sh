@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Distributed training with torchrun: tools/dist_train.sh CONFIG NUM_PROCS [train.py args]
-# Works without CUDA too (gloo backend, one process per CPU worker; see
-# mmdet_anchorloss/engine/launch.py). NNODES, NODE_RANK, MASTER_ADDR and PORT as in mmdet.
+# With CUDA: one process per GPU (NUM_PROCS <= the GPUs visible), nccl backend. Without CUDA:
+# gloo backend, one process per CPU worker. See mmdet_anchorloss/engine/launch.py.
+# NNODES, NODE_RANK, MASTER_ADDR and PORT as in mmdet.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CONFIG NUM_PROCS [tools/train.py arguments]" >&2
@@ -19,6 +20,17 @@ TOOLS_DIR=$(dirname "$0")
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python
   [ -x "$TOOLS_DIR/../.venv/bin/python" ] && PYTHON="$TOOLS_DIR/../.venv/bin/python"
+fi
+
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [ "$GPUS" -gt 0 ]; then
+  if [ "$NUM_PROCS" -gt "$GPUS" ]; then
+    echo "$0: NUM_PROCS=$NUM_PROCS but torch sees $GPUS GPU(s): one process per GPU" >&2
+    exit 2
+  fi
+  echo "[dist_train] $NUM_PROCS process(es) on $GPUS visible GPU(s), nccl backend"
+else
+  echo "[dist_train] no CUDA GPU: $NUM_PROCS CPU process(es), gloo backend"
 fi
 
 PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \

@@ -6,8 +6,10 @@ mmengine 0.10.7's ``launcher='pytorch'`` calls ``torch.cuda.set_device`` uncondi
 (which DDP rejects for CPU modules). :func:`setup_cpu_distributed` prepares a config so that
 the same command line works there: it initialises the ``gloo`` process group itself from the
 ``torchrun`` environment before the Runner is built (the Runner then skips its own
-``init_dist``), and asks for a DDP wrapper without device ids. With CUDA it does nothing and
-mmengine's own path runs unchanged.
+``init_dist``), and asks for a DDP wrapper without device ids. With CUDA, mmengine's own path
+runs (one process per GPU, ``torch.cuda.set_device(local_rank)``, DDP with ``device_ids``) on
+the ``nccl`` backend: :func:`setup_cpu_distributed` sets ``env_cfg.dist_cfg.backend='nccl'``
+unless the config names a backend.
 
 Launch with ``torchrun`` (``tools/dist_train.sh``), not ``torch.distributed.launch``.
 
@@ -21,7 +23,12 @@ import torch
 import torch.distributed as dist
 from mmengine.config import Config
 
-__all__ = ['check_amp_available', 'fix_ssd_head_predict', 'setup_cpu_distributed']
+__all__ = [
+    'check_amp_available',
+    'default_cuda_backend',
+    'fix_ssd_head_predict',
+    'setup_cpu_distributed',
+]
 
 TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -37,13 +44,17 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> bool:
 
     Returns:
         bool: True when this call set up CPU distributed mode (gloo process group, DDP
-        without device ids); False when there is nothing to do (no launcher, or CUDA present).
+        without device ids); False when there is nothing to do (no launcher), or with CUDA
+        (where the backend defaults to ``nccl``, see :func:`default_cuda_backend`).
 
     Raises:
         RuntimeError: for a launcher other than ``'pytorch'`` without CUDA, or when the
             ``torchrun`` environment variables are missing.
     """
-    if launcher == 'none' or torch.cuda.is_available():
+    if launcher == 'none':
+        return False
+    if torch.cuda.is_available():
+        default_cuda_backend(cfg)
         return False
     if launcher != 'pytorch':
         raise RuntimeError(
@@ -63,6 +74,19 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> bool:
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo')
     return True
+
+
+def default_cuda_backend(cfg: Config) -> str:
+    """The process-group backend of a distributed run on CUDA: the config's
+    ``env_cfg.dist_cfg.backend`` when it names one, else ``nccl`` (set in place)."""
+    # assign step by step: ConfigDict.setdefault stores a copy of a new dict
+    if cfg.get('env_cfg') is None:
+        cfg.env_cfg = {}
+    if cfg.env_cfg.get('dist_cfg') is None:
+        cfg.env_cfg.dist_cfg = {}
+    if not cfg.env_cfg.dist_cfg.get('backend'):
+        cfg.env_cfg.dist_cfg.backend = 'nccl'
+    return cfg.env_cfg.dist_cfg.backend
 
 
 def _cpu_model_wrapper_cfg(cfg: Config) -> dict:
