@@ -13,6 +13,9 @@ Binary cross-entropy: gamma = 0, alpha_pos = alpha_neg = 1 (``CrossEntropyLoss``
 with ``use_sigmoid=True``).
 """
 
+import collections
+import os
+import sys
 from typing import List, Sequence, Tuple
 
 import torch
@@ -115,11 +118,30 @@ def _eager_loss_only(x4, coef4, gamma, alpha_neg):
 
 
 class _Kernels:
-    """The full-size kernels, compiled where possible (see ``..compile``)."""
+    """The full-size torch kernels, compiled where possible (see ``..compile``)."""
 
     def __init__(self) -> None:
         self.loss_and_grad = MaybeCompiled(_loss_and_grad, _eager_loss_and_grad)
         self.loss_only = MaybeCompiled(_loss_only, _eager_loss_only)
+
+
+def triton_module():
+    """``triton_kernels``, imported on first use (triton is optional and slow to import)."""
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether ``x`` goes through the Triton kernels: on CUDA when triton imports, unless
+    ``MMDET_ANCHORLOSS_TRITON=0`` (read at each call). On CPU only when the tests have loaded
+    the kernels under Triton's interpreter."""
+    if os.environ.get('MMDET_ANCHORLOSS_TRITON', 'auto').lower() in ('0', 'false', 'off'):
+        return False
+    if x.is_cuda:
+        return triton_module().available()
+    loaded = sys.modules.get(f'{__package__}.triton_kernels')
+    return loaded is not None and loaded.usable(x)
 
 
 KERNELS = _Kernels()
@@ -169,13 +191,19 @@ def _take_levels(x4s: List[Tensor], level: Tensor, flat: Tensor) -> Tensor:
     return out
 
 
+# Whether the backward reads the incoming gradient to skip scaling by exactly 1: worth it on
+# CPU (the read is free, the scaling pass is not); on CUDA the read would be a host sync,
+# so the gradient is always scaled in place there.
+_CHECK_UNIT_GRAD = collections.defaultdict(bool, cpu=True)
+
+
 class SigmoidLevelsLoss(torch.autograd.Function):
     """Per-level totals (L,) of a scaled, weighted sigmoid focal / BCE loss.
 
     The forward computes the loss and, when a gradient is needed, the gradient too, in the
     same pass (the transcendental work is done once). The backward only scales it by the
     incoming per-level gradient, and on CPU skips even that when it is exactly 1 (the
-    usual case: mmengine sums the loss terms).
+    usual case: mmengine sums the loss terms; on CUDA it always scales in place).
     """
 
     @staticmethod
@@ -198,7 +226,13 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         # One fused kernel per level (levels differ in shape; no host sync between them).
         for x4, c in zip(x4s, coef.split(level_sizes, dim=1)):
             c4 = _anchor_layout(c, x4.shape).contiguous()  # so the gradient comes out contiguous
-            if want_grad:
+            if use_triton(x4):
+                total, grad = triton_module().sigmoid_loss_and_grad(
+                    x4, c4, gamma, alpha_neg, want_grad
+                )
+                if want_grad:
+                    grads.append(grad)
+            elif want_grad:
                 total, grad = KERNELS.loss_and_grad(x4, c4, gamma, alpha_neg)
                 grads.append(grad.contiguous())  # a no-op unless the compiler chose strides
             else:
@@ -230,8 +264,8 @@ class SigmoidLevelsLoss(torch.autograd.Function):
                 'SigmoidLevelsLoss: backward through the same graph twice '
                 '(retain_graph) is not supported'
             )
-        if not (grad_totals.device.type == 'cpu' and bool((grad_totals == 1).all())):
-            grads = [g * s.to(g.dtype) for g, s in zip(grads, grad_totals)]
+        if not (_CHECK_UNIT_GRAD[grad_totals.device.type] and bool((grad_totals == 1).all())):
+            grads = [g.mul_(s.to(g.dtype)) for g, s in zip(grads, grad_totals)]  # we own g
         return (None, None, None, None, None, *grads)
 
 

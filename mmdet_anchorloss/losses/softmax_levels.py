@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..compile import MaybeCompiled
-from .sigmoid_kernels import _anchor_layout, _as_4d
+from .sigmoid_kernels import _anchor_layout, _as_4d, triton_module, use_triton
 
 
 def _lse_and_prob(x4: Tensor) -> Tuple[Tensor, Tensor]:
@@ -34,49 +34,66 @@ _LSE_ONLY = MaybeCompiled(_lse_only)
 
 
 class SoftmaxLevelsCE(torch.autograd.Function):
-    """(B, N) cross-entropy of every anchor over multi-level maps (see module docstring)."""
+    """(B, N) cross-entropy of every anchor over multi-level maps (see module docstring).
+
+    On CUDA with Triton (``triton_kernels``), the forward keeps only the log-sum-exp and the
+    backward recomputes the softmax from it, reading each logit once per pass.
+    """
 
     @staticmethod
     def forward(ctx, labels: Tensor, num_base_priors: Sequence[int], *levels: Tensor) -> Tensor:
         want_grad = any(ctx.needs_input_grad[2:])
-        rows, probs, labs = [], [], []
+        rows, saved, labs = [], [], []
+        triton = use_triton(levels[0])
         start = 0
         for x, a in zip(levels, num_base_priors):  # levels differ in shape; no host sync
             x4 = _as_4d(x, a)  # (B, A, C1, S)
             B, A, _, S = x4.shape
             lab = _anchor_layout(labels[:, start : start + A * S], x4.shape)  # (B, A, 1, S)
-            if want_grad:
-                lse, prob = _LSE_AND_PROB(x4)
-                probs.append(prob.contiguous())
-                labs.append(lab)
+            if triton:
+                lse, ce = triton_module().softmax_ce_forward(x4, lab.squeeze(2))
+                saved.append(lse)
             else:
-                lse = _LSE_ONLY(x4)
-            ce = lse - x4.gather(2, lab).squeeze(2).float()
+                if want_grad:
+                    lse, prob = _LSE_AND_PROB(x4)
+                    saved.append(prob.contiguous())
+                else:
+                    lse = _LSE_ONLY(x4)
+                ce = lse - x4.gather(2, lab).squeeze(2).float()
+            labs.append(lab)
             rows.append(ce.transpose(1, 2).reshape(B, -1))
             start += A * S
         if want_grad:
-            ctx.probs, ctx.labs = probs, labs
+            ctx.saved, ctx.labs, ctx.triton = saved, labs, triton
+            ctx.levels = [_as_4d(x, a) for x, a in zip(levels, num_base_priors)] if triton else None
             ctx.dtypes = [x.dtype for x in levels]
-            ctx.level_sizes = [p.shape[1] * p.shape[3] for p in probs]
+            ctx.level_sizes = [lab.shape[1] * lab.shape[3] for lab in labs]
             ctx.shapes = [x.shape for x in levels]
         return torch.cat(rows, dim=1)
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
-        probs, labs = ctx.__dict__.pop('probs', None), ctx.labs
-        if probs is None:
+        saved, labs = ctx.__dict__.pop('saved', None), ctx.labs
+        if saved is None:
             raise RuntimeError(
                 'SoftmaxLevelsCE: backward through the same graph twice '
                 '(retain_graph) is not supported'
             )
         grads = []
-        for prob, lab, dtype, g in zip(
-            probs, labs, ctx.dtypes, grad_rows.split(ctx.level_sizes, dim=1)
+        for i, (keep, lab, dtype, g) in enumerate(
+            zip(saved, labs, ctx.dtypes, grad_rows.split(ctx.level_sizes, dim=1))
         ):
-            coef = _anchor_layout(g.float(), prob.shape)  # (B, A, 1, S)
-            grad = prob.mul_(coef)  # we own prob: the gradient takes its memory
-            grad.scatter_add_(2, lab, -coef)
-            grads.append(grad.to(dtype))
+            coef = _anchor_layout(g.float(), lab.shape)  # (B, A, 1, S)
+            if ctx.triton:  # keep: (B, A, S) log-sum-exp
+                grad = triton_module().softmax_ce_backward(
+                    ctx.levels[i], lab.squeeze(2), keep, coef.squeeze(2)
+                )
+            else:  # keep: the softmax, ours: the gradient takes its memory
+                grad = keep.mul_(coef)
+                grad.scatter_add_(2, lab, -coef)
+                grad = grad.to(dtype)
+            grads.append(grad)
+        ctx.levels = None
         return (None, None, *[g.view(shape) for g, shape in zip(grads, ctx.shapes)])
 
 
