@@ -82,8 +82,17 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
             BatchAssignResult: gt_inds, max_overlaps, labels (B, N); num_gts (B,).
         """
         B, N = inside.shape
-        G = gts.bboxes.size(1)
         device = anchors.device
+        if N == 0:  # no prior: upstream returns an empty result (and skips ignore boxes)
+            none = torch.zeros(B, 0, dtype=torch.long, device=device)
+            return BatchAssignResult(none, anchors.new_zeros(B, 0), none, gts.mask.sum(dim=1))
+        if gts.bboxes.size(1) == 0:  # the kernels reduce over gts: keep one padding column
+            gts = PaddedBoxes(
+                gts.bboxes.new_zeros(B, 1, 4),
+                torch.full((B, 1), -1, dtype=torch.long, device=device),
+                torch.zeros(B, 1, dtype=torch.bool, device=device),
+            )
+        G = gts.bboxes.size(1)
         gt_mask = gts.mask
         ignored = self._ignored_anchors(anchors, ignore, B) if ignore is not None else None
         overlap_max, ties = self._kernels()

@@ -52,6 +52,7 @@ class FusedSigmoidMixin:
             or pred.dim() != 2
             or target.dim() != 1
             or (weight is not None and weight.shape != target.shape)
+            or pred.numel() == 0  # no row: upstream's own result (NaN for a plain 'mean')
         ):
             return None
         R, C = pred.shape

@@ -12,6 +12,8 @@ def rows_of(loss: Tensor, num_rows: int) -> Tensor:
     """Sum an element-wise loss to (R,) rows; a 0-d early-exit result becomes zeros."""
     if loss.dim() == 0:  # L1 / SmoothL1 return (pred * weight).sum() when no weight is > 0
         return loss.expand(num_rows) / max(num_rows, 1)
+    if num_rows == 0:  # no positive in the batch; reshape(0, -1) is ambiguous
+        return loss.reshape(-1)[:0]
     return loss.reshape(num_rows, -1).sum(dim=1)
 
 
