@@ -50,7 +50,17 @@ class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
         reduction = reduction_override if reduction_override else self.reduction
         out = None
         if ignore_index is None and not kwargs:
-            out = self._fused_forward(cls_score, label, weight, avg_factor, reduction)
+            fused_avg = avg_factor
+            if (
+                avg_factor is None
+                and self.avg_non_ignore
+                and reduction == 'mean'
+                and self._fusable()
+            ):
+                # upstream's binary_cross_entropy averages over the non-ignored entries:
+                # (#rows with a label >= 0) * C of them (one host sync, as upstream's .item())
+                fused_avg = float((label >= 0).sum()) * cls_score.size(-1)
+            out = self._fused_forward(cls_score, label, weight, fused_avg, reduction)
         if out is None:
             return super().forward(
                 cls_score, label, weight, avg_factor, reduction_override, ignore_index, **kwargs

@@ -56,6 +56,8 @@ class FusedSigmoidMixin:
         ):
             return None
         R, C = pred.shape
+        # mmdet's binary CE ignores negative labels; labels >= C are all-zero target rows
+        valid = target >= 0
         if avg_factor is not None:
             if reduction == 'sum':
                 raise ValueError('avg_factor can not be used with reduction="sum"')
@@ -63,7 +65,6 @@ class FusedSigmoidMixin:
         else:
             scale = self.loss_weight / max(R * C, 1) if reduction == 'mean' else self.loss_weight
         weight = pred.new_ones(R) if weight is None else weight.float()
-        valid = (target >= 0) & (target <= C)  # mmdet's binary CE ignores negative labels
         total = sigmoid_level_losses(
             [pred.reshape(1, R * C, 1, 1)],
             [R],
