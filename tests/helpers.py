@@ -292,3 +292,50 @@ def assert_grads_match(ref: List[torch.Tensor], got: List[torch.Tensor], tol: fl
         assert (
             err <= tol * max(scale, 1e-12) + 1e-12
         ), f'grad of map {i}: max abs diff {err:.3g} > {tol} x max {scale:.3g}'
+
+
+def upstream_assign_stats(head, cls_scores, bbox_preds, gts, metas, ignore) -> List[Dict[str, int]]:
+    """Per image, what upstream's own assigner does with this batch (test guards).
+
+    Keys: ``inside`` / ``outside`` anchors, ``pos`` / ``neg`` assigned, ``ignored_by_box``
+    (IoU set to -1 by an ignore box), ``low_quality`` (positive below ``pos_iou_thr``),
+    ``not_argmax`` (positive whose gt is not its best-IoU gt: a later gt overwrote it),
+    ``below_lo`` (IoU under the lower end of a ``neg_iou_thr`` tuple), ``pos_wanted``.
+    """
+    from mmdet.models.task_modules.prior_generators import anchor_inside_flags
+
+    sizes = [c.shape[-2:] for c in cls_scores]
+    anchors, valid = head.get_anchors(sizes, metas, device=cls_scores[0].device)
+    assigner = head.assigner
+    pos_thr = assigner.pos_iou_thr
+    lo = assigner.neg_iou_thr[0] if isinstance(assigner.neg_iou_thr, tuple) else 0.0
+    sampler_cfg = head.train_cfg.get('sampler', {})
+    wanted = int(sampler_cfg.get('num', 0) * sampler_cfg.get('pos_fraction', 0))
+    out = []
+    for i, gt in enumerate(gts):
+        flat, flags = torch.cat(anchors[i]), torch.cat(valid[i])
+        inside = anchor_inside_flags(
+            flat, flags, metas[i]['img_shape'][:2], head.train_cfg['allowed_border']
+        )
+        priors = flat[inside]
+        res = assigner.assign(
+            InstanceData(priors=priors), gt, ignore[i] if ignore is not None else None
+        )
+        pos = res.gt_inds > 0
+        argmax = torch.zeros_like(res.gt_inds)
+        if len(gt) > 0:
+            argmax = assigner.iou_calculator(gt.bboxes, priors).argmax(dim=0) + 1
+        out.append(
+            dict(
+                inside=int(inside.sum()),
+                outside=int((~inside).sum()),
+                pos=int(pos.sum()),
+                neg=int((res.gt_inds == 0).sum()),
+                ignored_by_box=int((res.max_overlaps == -1).sum()),
+                low_quality=int((pos & (res.max_overlaps < pos_thr)).sum()),
+                not_argmax=int((pos & (res.gt_inds != argmax)).sum()),
+                below_lo=int(((res.max_overlaps >= 0) & (res.max_overlaps < lo)).sum()),
+                pos_wanted=wanted,
+            )
+        )
+    return out

@@ -60,7 +60,11 @@ def _bounds(head, sizes):
 
 
 def test_plugin_ssd_head_predicts():
-    """mmdet 3.3.0's SSDHead cannot predict (no loss_cls); the plugin head can."""
+    """The plugin SSD head predicts what upstream's SSDHead predicts with the same weights.
+
+    mmdet 3.3.0's SSDHead has no ``loss_cls``, which ``_predict_by_feat_single`` reads with
+    ``getattr(self.loss_cls, 'custom_cls_channels', False)``; it is given ``None`` here.
+    """
     from helpers import ssd_cfg
     from mmengine.config import ConfigDict
     from mmengine.structures import BaseDataElement
@@ -72,9 +76,27 @@ def test_plugin_ssd_head_predicts():
         score_thr=0.02,
         max_per_img=20,
     )
+    upstream = build(ssd_cfg())
+    upstream.loss_cls = None
     head = build(to_plugin(ssd_cfg()))
-    head.test_cfg = ConfigDict(test_cfg)
-    feats = tuple(torch.randn(1, 8, s, s) for s in (38, 19, 10, 5, 3, 1))
-    meta = dict(img_shape=(300, 300), scale_factor=(1.0, 1.0), ori_shape=(300, 300))
-    result = head.predict(feats, [BaseDataElement(metainfo=meta)], rescale=False)
-    assert result[0].bboxes.shape == (20, 4) and result[0].scores.shape == (20,)
+    head.load_state_dict(upstream.state_dict())
+    for h in (upstream, head):
+        h.test_cfg = ConfigDict(test_cfg)
+        h.eval()
+    gen = torch.Generator().manual_seed(0)
+    feats = tuple(torch.randn(2, 8, s, s, generator=gen) for s in (38, 19, 10, 5, 3, 1))
+    metas = [
+        dict(img_shape=(300, 300), scale_factor=(1.0, 1.0), ori_shape=(300, 300)),
+        dict(img_shape=(280, 300), scale_factor=(0.5, 0.5), ori_shape=(560, 600)),
+    ]
+    samples = [BaseDataElement(metainfo=m) for m in metas]
+    with torch.no_grad():
+        ref = upstream.predict(feats, samples, rescale=True)
+        got = head.predict(feats, samples, rescale=True)
+    assert len(got) == len(ref) == 2
+    for r, g in zip(ref, got):
+        assert g.bboxes.shape == (20, 4) and g.scores.shape == (20,)
+        torch.testing.assert_close(g.bboxes, r.bboxes)
+        torch.testing.assert_close(g.scores, r.scores)
+        assert torch.equal(g.labels, r.labels)
+    assert not torch.equal(got[0].bboxes, got[1].bboxes)  # rescaled per image

@@ -1,8 +1,12 @@
 """Bad input gets a ValueError naming the image, the box and the value; nothing changes."""
 
+import copy
+import warnings
+
 import pytest
 import torch
 from helpers import build, make_batch, retina_cfg, to_plugin
+from mmengine.logging import MessageHub
 from mmengine.structures import InstanceData
 
 SHAPES = [(100, 120), (64, 90)]
@@ -18,20 +22,58 @@ def batch(head):
     return make_batch(head, 0, (3, 2), SHAPES)
 
 
-def _state(head):
-    return {k: v.clone() for k, v in head.state_dict().items()}
+def _snapshot(args):
+    """Deep copies of every tensor among the inputs (maps, boxes, labels, metas)."""
+    cls, reg, gts, metas, ignore = args
+    return (
+        [t.detach().clone() for t in cls],
+        [t.detach().clone() for t in reg],
+        [{k: v.clone() for k, v in g.items()} for g in gts],
+        copy.deepcopy(metas),
+        None if ignore is None else [None if g is None else g.bboxes.clone() for g in ignore],
+    )
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        # NaN counts as equal to NaN: some inputs are made invalid with one on purpose
+        return isinstance(b, torch.Tensor) and torch.equal(a.nan_to_num(7.5), b.nan_to_num(7.5))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _raises(head, args, *words):
-    before = _state(head)
-    with pytest.raises(ValueError) as err:
+    before = _snapshot(args)
+    hub = MessageHub.get_instance(f'validation_{id(args)}')
+    MessageHub._instance_dict.move_to_end(hub.instance_name)  # make it current
+    with pytest.raises(ValueError) as err, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
         head.loss_by_feat(*args)
     msg = str(err.value)
     for word in words:
         assert word in msg, f'{word!r} not in {msg!r}'
-    after = _state(head)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    # nothing changed: the inputs are as they were, nothing was logged or warned
+    assert _same(before, _snapshot(args)), 'loss_by_feat changed its inputs before raising'
+    assert not any(k.startswith('train/') for k in hub.log_scalars), list(hub.log_scalars)
+    assert not caught, [str(w.message) for w in caught]
     return msg
+
+
+def test_the_nothing_changes_check_can_fail(head, batch):
+    """A call that succeeds logs its statistics, so the check above would see a leak."""
+    hub = MessageHub.get_instance('validation_success')
+    MessageHub._instance_dict.move_to_end('validation_success')
+    before = _snapshot(batch)
+    head.loss_by_feat(*batch)
+    assert any(k.startswith('train/assign/') for k in hub.log_scalars)
+    changed = list(batch[2])
+    changed[0] = changed[0].clone()
+    changed[0].bboxes = changed[0].bboxes + 1
+    assert _same(before, _snapshot(batch))
+    assert not _same(before, _snapshot((*batch[:2], changed, *batch[3:])))
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from helpers import (
     rpn_cfg,
     ssd_cfg,
     to_plugin,
+    upstream_assign_stats,
 )
 
 SHAPES = [(100, 120), (64, 90), (128, 128)]
@@ -47,8 +48,8 @@ CASES = {
         retina_cfg(train_cfg=dict(assigner=dict(ignore_iof_thr=0.3, ignore_wrt_candidates=False))),
         dict(num_ignore=(1, 2, 3)),
     ),
-    'assigner_no_assign_all': (
-        retina_cfg(train_cfg=dict(assigner=dict(gt_max_assign_all=False))),
+    'assigner_no_assign_all': (  # pos_iou_thr 0.7: some gts match only as low quality
+        retina_cfg(train_cfg=dict(assigner=dict(pos_iou_thr=0.7, gt_max_assign_all=False))),
         dict(duplicate=True),
     ),
     'assigner_no_low_quality': (
@@ -56,7 +57,9 @@ CASES = {
         {},
     ),
     'assigner_min_pos_iou_tuple_neg': (
-        retina_cfg(train_cfg=dict(assigner=dict(min_pos_iou=0.3, neg_iou_thr=(0.1, 0.4)))),
+        retina_cfg(
+            train_cfg=dict(assigner=dict(pos_iou_thr=0.7, min_pos_iou=0.3, neg_iou_thr=(0.1, 0.4)))
+        ),
         {},
     ),
     'assigner_duplicates_overwrite': (retina_cfg(), dict(duplicate=True)),
@@ -77,6 +80,55 @@ CASES = {
         rpn_cfg(train_cfg=dict(sampler=dict(num=64, neg_pos_ub=2), allowed_border=0)),
         {},
     ),
+    'rpn_sampler_subsamples_positives': (
+        rpn_cfg(train_cfg=dict(sampler=dict(num=8, neg_pos_ub=1.5))),
+        {},
+    ),
+}
+
+
+def _total(stats, key):
+    return sum(s[key] for s in stats)
+
+
+def _neg_pos_ub_bounds(stats, cfg):
+    """Images where neg_pos_ub, not num - #pos, sets the number of negatives drawn."""
+    sampler = cfg['train_cfg']['sampler']
+    count = 0
+    for s in stats:
+        got = min(s['pos'], s['pos_wanted'])
+        count += int(sampler['neg_pos_ub'] * max(1, got)) < min(sampler['num'] - got, s['neg'])
+    return count
+
+
+# What each case exists for, on upstream's own assignment of the case's batch (seed 0, 1).
+GUARDS = {
+    'retina_focal_l1': lambda st, cfg: _total(st, 'pos') > 0,
+    'retina_smoothl1_coder_stds': lambda st, cfg: _total(st, 'pos') > 0,
+    'retina_allowed_border_0': lambda st, cfg: _total(st, 'outside') > 0 and _total(st, 'pos') > 0,
+    'retina_pos_weight_2': lambda st, cfg: _total(st, 'pos') > 0,
+    'retina_giou_decoded': lambda st, cfg: _total(st, 'pos') > 0,
+    'retina_ignore_wrt_candidates': lambda st, cfg: _total(st, 'ignored_by_box') > 0,
+    'retina_ignore_wrt_gts': lambda st, cfg: _total(st, 'ignored_by_box') > 0,
+    'assigner_no_assign_all': lambda st, cfg: _total(st, 'low_quality') > 0,
+    'assigner_no_low_quality': lambda st, cfg: _total(st, 'low_quality') == 0,
+    'assigner_min_pos_iou_tuple_neg': lambda st, cfg: (
+        _total(st, 'low_quality') > 0 and _total(st, 'below_lo') > 0
+    ),
+    'assigner_duplicates_overwrite': lambda st, cfg: _total(st, 'not_argmax') > 0,
+    'sigmoid_ce': lambda st, cfg: _total(st, 'pos') > 0,
+    'softmax_ce': lambda st, cfg: _total(st, 'pos') > 0,
+    # negatives are subsampled (a randperm per image)
+    'rpn_random_sampler': lambda st, cfg: all(
+        s['neg'] > s['pos_wanted'] * 2 - min(s['pos'], s['pos_wanted']) for s in st
+    ),
+    'rpn_random_sampler_neg_pos_ub': lambda st, cfg: _neg_pos_ub_bounds(st, cfg) > 0,
+    # one image with more positives than wanted (subsampled) beside others at or below it
+    'rpn_sampler_subsamples_positives': lambda st, cfg: (
+        any(s['pos'] > s['pos_wanted'] for s in st)
+        and any(s['pos'] <= s['pos_wanted'] for s in st)
+        and _neg_pos_ub_bounds(st, cfg) > 0
+    ),
 }
 
 
@@ -93,15 +145,19 @@ def _check(cfg, batch_kwargs, parts, plugin_head=True, seed=0, num_gts=(3, 0, 6)
     got, got_grads = loss_and_grads(plugin, *batch, seed=seed)
     assert_losses_match(ref, got)
     assert_grads_match(ref_grads, got_grads)
-    return ref
+    return ref, upstream_assign_stats(upstream, *batch)
 
 
 @pytest.mark.parametrize('case', list(CASES))
 @pytest.mark.parametrize('seed', [0, 1])
 def test_plugin_twin_matches_upstream(case, seed, device):
     cfg, kwargs = CASES[case]
-    ref = _check(cfg, kwargs, ('head', 'loss', 'assigner', 'coder'), seed=seed, device=device)
-    assert sum(float(v.sum()) for v in ref[next(iter(ref))]) > 0  # a case that tests something
+    _, stats = _check(cfg, kwargs, ('head', 'loss', 'assigner', 'coder'), seed=seed, device=device)
+    assert GUARDS[case](stats, cfg), f'{case}: the batch misses what the case is for: {stats}'
+
+
+def test_every_case_has_a_guard():
+    assert set(GUARDS) == set(CASES)
 
 
 @pytest.mark.parametrize('case', ['retina_focal_l1', 'softmax_ce', 'rpn_random_sampler'])

@@ -134,8 +134,10 @@ def test_train_then_test(config, shapes_root, tmp_path):
     metrics = sorted((tmp_path / 'test').glob('*/*.json'))
     assert metrics, 'tools/test.py wrote no metrics json'
     values = json.loads(metrics[-1].read_text())
-    for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75'):
-        assert -1.0 <= values[key] <= 1.0
+    # COCO reports -1 when it could not evaluate; AP over IoU 0.5:0.95 and AP at 0.75
+    # cannot exceed AP at 0.5 (a stricter match). After 8 iterations every AP may be 0.
+    ap, ap50, ap75 = (values[f'coco/bbox_mAP{k}'] for k in ('', '_50', '_75'))
+    assert 0.0 <= ap75 <= ap50 <= 1.0 and 0.0 <= ap <= ap50, values
 
 
 def test_amp_on_cpu_is_a_clear_error():

@@ -1,0 +1,357 @@
+"""Parity on hand-made inputs that sit exactly on each boundary of the loss path.
+
+IoU and IoF exactly at the assigner's thresholds (the float values are checked with
+upstream's ``bbox_overlaps`` in each test), ties at a gt's best IoU across anchor-chunk
+borders, ``RandomSampler`` with positives above, equal to and below the wanted count, and
+backward through weighted and scaled sums of the losses. Each case compares with the
+installed mmdet and with the number worked out by hand.
+"""
+
+import pytest
+import torch
+from helpers import assert_grads_match, build, make_batch, retina_cfg, rpn_cfg, ssd_cfg, to_plugin
+from mmdet.models.task_modules.assigners import AssignResult, MaxIoUAssigner
+from mmdet.models.task_modules.samplers import RandomSampler
+from mmdet.structures.bbox import bbox_overlaps
+from mmengine.structures import InstanceData
+
+from mmdet_anchorloss.assigners import BatchMaxIoUAssigner
+from mmdet_anchorloss.structures import BatchAssignResult, pad_instances
+from mmdet_anchorloss.targets import sample_batch
+
+
+def boxes(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def exactly(value: float) -> torch.Tensor:
+    """The float32 a threshold becomes when compared with a float32 IoU."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def both(kw, anchors, gts, labels=None, ignore=None):
+    """gt_inds of upstream ``MaxIoUAssigner`` and of ``BatchMaxIoUAssigner``, same input."""
+    labels = torch.arange(len(gts)) if labels is None else labels
+    args = (InstanceData(priors=anchors), InstanceData(bboxes=gts, labels=labels))
+    ign = None if ignore is None else InstanceData(bboxes=ignore)
+    ref = MaxIoUAssigner(**kw).assign(*args, ign)
+    got = BatchMaxIoUAssigner(**kw).assign(*args, ign)
+    assert torch.equal(got.labels, ref.labels)
+    torch.testing.assert_close(got.max_overlaps, ref.max_overlaps, rtol=0, atol=0)
+    return ref.gt_inds.tolist(), got.gt_inds.tolist()
+
+
+# gt [0, 0, 10, 10]; anchor k covers its left part [0, 0, w_k, 10] (IoU w_k / 10) or
+# extends it to [0, 0, 10, 20] (IoU 100 / 200): every IoU below is an exact float32.
+GT = boxes([0, 0, 10, 10])
+ANCHORS = boxes(
+    [0, 0, 10, 10],  # IoU 1: the gt's best anchor
+    [0, 0, 10, 20],  # IoU 0.5
+    [0, 0, 4, 10],  # IoU 0.4
+    [0, 0, 3, 10],  # IoU 0.3
+    [0, 0, 1, 10],  # IoU 0.1
+    [50, 50, 60, 60],  # IoU 0
+)
+IOUS = [1.0, 0.5, 0.4, 0.3, 0.1, 0.0]
+
+
+def test_hand_made_ious_are_exact():
+    iou = bbox_overlaps(GT, ANCHORS)[0]
+    assert torch.equal(iou, torch.tensor(IOUS, dtype=torch.float32))
+    for value in IOUS:  # float32(0.4) == float32(40) / float32(100): the boundary itself
+        assert exactly(value).item() in iou.tolist()
+
+
+@pytest.mark.parametrize(
+    'kw, expected',
+    [
+        # IoU 0.5 == pos_iou_thr is positive; 0.4 == neg_iou_thr is not negative
+        (dict(pos_iou_thr=0.5, neg_iou_thr=0.4), [1, 1, -1, 0, 0, 0]),
+        # tuple: 0.1 == lower end is negative, 0.4 == upper end is not, 0 < 0.1 is not
+        (dict(pos_iou_thr=0.5, neg_iou_thr=(0.1, 0.4)), [1, 1, -1, 0, 0, -1]),
+        (dict(pos_iou_thr=0.4, neg_iou_thr=(0.0, 0.3)), [1, 1, 1, -1, 0, 0]),
+        (dict(pos_iou_thr=0.3, neg_iou_thr=(0.1, 0.3)), [1, 1, 1, 1, 0, -1]),
+    ],
+)
+def test_iou_exactly_at_pos_and_neg_thresholds(kw, expected):
+    ref, got = both(kw, ANCHORS, GT)
+    assert ref == got == expected
+
+
+@pytest.mark.parametrize('min_pos_iou, claimed', [(0.3, True), (0.4, False)])
+@pytest.mark.parametrize('assign_all', [True, False])
+def test_best_iou_exactly_at_min_pos_iou(min_pos_iou, claimed, assign_all):
+    # gt 1's best anchor is anchor 0 with IoU exactly 0.3 (below pos_iou_thr): a
+    # low-quality match only when min_pos_iou <= 0.3.
+    gts = boxes([100, 100, 110, 110], [0, 0, 10, 10])
+    anchors = boxes([100, 100, 103, 110], [0, 0, 10, 10], [100, 100, 101, 110], [0, 0, 10, 20])
+    assert bbox_overlaps(gts[:1], anchors[:1])[0, 0] == exactly(0.3)
+    kw = dict(
+        pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=min_pos_iou, gt_max_assign_all=assign_all
+    )
+    ref, got = both(kw, anchors, gts)
+    assert ref == got == [1 if claimed else 0, 2, 0, 2]
+
+
+def test_tie_at_best_iou_exactly_at_min_pos_iou():
+    # gt 0's best IoU (0.3) is reached by anchors 0 and 2; both tie, both are claimed
+    gts = boxes([100, 100, 110, 110])
+    anchors = boxes([100, 100, 103, 110], [0, 0, 10, 10], [107, 100, 110, 110])
+    assert bbox_overlaps(gts, anchors)[0].tolist() == [exactly(0.3).item(), 0.0] + [
+        exactly(0.3).item()
+    ]
+    ref, got = both(dict(pos_iou_thr=0.5, neg_iou_thr=0.2, min_pos_iou=0.3), anchors, gts)
+    assert ref == got == [1, 0, 1]
+
+
+@pytest.mark.parametrize('wrt_candidates', [True, False])
+def test_iof_exactly_at_ignore_iof_thr(wrt_candidates):
+    # Anchors far from the gt (negatives unless ignored). Ignore box [5, 0, 25, 10]:
+    # anchor 0 [0, 0, 10, 10] overlaps it by 50: IoF 0.5 of the anchor (area 100) and
+    # 0.25 of the ignore box (area 200); anchor 1 [0, 0, 11, 10] overlaps by 60.
+    # Anchor 4 is the gt itself (without it the gt's best IoU would be 0 and, with
+    # min_pos_iou=0, it would claim every IoU-0 anchor: mmdet issue 8289).
+    gts = boxes([100, 100, 140, 140])
+    anchors = boxes(
+        [0, 0, 10, 10], [0, 0, 11, 10], [15, 0, 35, 10], [60, 60, 70, 70], [100, 100, 140, 140]
+    )
+    ignore = boxes([5, 0, 25, 10])
+    thr = 0.5 if wrt_candidates else 0.25
+    iof = (
+        bbox_overlaps(anchors, ignore, mode='iof')[:, 0]
+        if wrt_candidates
+        else bbox_overlaps(ignore, anchors, mode='iof')[0]
+    )
+    assert iof[0] == exactly(thr) and iof[1] > exactly(thr) and iof[3] == 0
+    kw = dict(
+        pos_iou_thr=0.5,
+        neg_iou_thr=0.4,
+        ignore_iof_thr=thr,
+        ignore_wrt_candidates=wrt_candidates,
+    )
+    ref, got = both(kw, anchors, gts, ignore=ignore)
+    # exactly at the threshold: not ignored (negative); above it: ignored (-1)
+    assert ref == got
+    assert ref[:2] == [0, -1] and ref[3:] == [0, 1]
+    assert ref[2] == (-1 if iof[2] > exactly(thr) else 0)
+
+
+# ---------------------------------------------------------------- chunk borders
+def _grid_case(seed: int, B: int = 2):
+    """Integer boxes on a coarse grid: many exact IoU ties, duplicates among anchors."""
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.randint(0, 6, (40, 2), generator=gen).float() * 4
+    wh = torch.randint(1, 4, (40, 2), generator=gen).float() * 4
+    anchors = torch.cat([xy, xy + wh], dim=1)
+    anchors = torch.cat([anchors, anchors[torch.randperm(40, generator=gen)[:20]]])  # 60
+    gts = []
+    for n in (5, 3, 4)[:B]:
+        gxy = torch.randint(0, 6, (n, 2), generator=gen).float() * 4
+        gwh = torch.randint(1, 4, (n, 2), generator=gen).float() * 4
+        g = torch.cat([gxy, gxy + gwh], dim=1)
+        g[-1] = g[0]  # a duplicate gt: later gts overwrite earlier ones
+        gts.append(InstanceData(bboxes=g, labels=torch.randint(0, 3, (n,), generator=gen)))
+    return anchors, gts
+
+
+def _ties_across_chunks(anchors, gts, chunk):
+    """How many gts have their best IoU at anchors of different chunks."""
+    count = 0
+    for gt in gts:
+        iou = bbox_overlaps(gt.bboxes, anchors)
+        for row in iou:
+            tied = (row == row.max()).nonzero().squeeze(1)
+            count += len(set((tied // chunk).tolist())) > 1
+    return count
+
+
+@pytest.mark.parametrize('assign_all', [True, False])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('anchors_per_chunk', [1, 3, 7])
+def test_ties_across_chunk_borders(assign_all, seed, anchors_per_chunk):
+    anchors, gts = _grid_case(seed)
+    padded = pad_instances(gts, 'cpu')
+    B, G = padded.mask.shape
+    kw = dict(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.1, gt_max_assign_all=assign_all)
+    assigner = BatchMaxIoUAssigner(max_chunk_elems=B * G * anchors_per_chunk, **kw)
+    res = assigner.assign_batch(anchors, torch.ones(B, len(anchors), dtype=torch.bool), padded)
+    assert _ties_across_chunks(anchors, gts, anchors_per_chunk) > 0  # what the case is for
+    for i, gt in enumerate(gts):
+        ref = MaxIoUAssigner(**kw).assign(InstanceData(priors=anchors), gt)
+        assert res.gt_inds[i].tolist() == ref.gt_inds.tolist(), f'image {i}'
+        assert torch.equal(res.max_overlaps[i], ref.max_overlaps)
+        low = (ref.gt_inds > 0) & (ref.max_overlaps < 0.7)
+        assert i == 1 or low.any()  # low-quality matches decide the result
+
+
+def test_first_anchor_of_a_tie_wins_across_chunks():
+    # gt's best IoU (0.5) is reached by anchors 1, 4 and 7 (identical boxes in three
+    # chunks of 3); with gt_max_assign_all=False upstream gives it the first (anchor 1).
+    gt = boxes([0, 0, 10, 10])
+    far = [200, 200, 210, 210]
+    tie = [0, 0, 10, 20]
+    anchors = boxes(far, tie, far, far, tie, far, far, tie, far)
+    assert bbox_overlaps(gt, anchors[1:2])[0, 0] == exactly(0.5)
+    kw = dict(pos_iou_thr=0.6, neg_iou_thr=0.4, min_pos_iou=0.1, gt_max_assign_all=False)
+    ref = MaxIoUAssigner(**kw).assign(
+        InstanceData(priors=anchors), InstanceData(bboxes=gt, labels=torch.tensor([0]))
+    )
+    got = BatchMaxIoUAssigner(max_chunk_elems=3, **kw).assign_batch(
+        anchors,
+        torch.ones(1, 9, dtype=torch.bool),
+        pad_instances([InstanceData(bboxes=gt, labels=torch.tensor([0]))], 'cpu'),
+    )
+    assert ref.gt_inds.tolist() == got.gt_inds[0].tolist() == [0, 1, 0, 0, -1, 0, 0, -1, 0]
+
+
+# ---------------------------------------------------------------- RandomSampler
+def _assign(counts, N=60, seed=0):
+    """(B, N) assignment with (#pos, #neg) per image; the rest ignored; gts 1 and 2."""
+    gen = torch.Generator().manual_seed(seed)
+    gt_inds = torch.full((len(counts), N), -1, dtype=torch.long)
+    for b, (p, n) in enumerate(counts):
+        order = torch.randperm(N, generator=gen)
+        gt_inds[b, order[:p]] = torch.randint(1, 3, (p,), generator=gen)
+        gt_inds[b, order[p : p + n]] = 0
+    labels = torch.where(gt_inds > 0, gt_inds + 4, -1)
+    num_gts = torch.full((len(counts),), 2)
+    return BatchAssignResult(gt_inds, torch.rand(len(counts), N, generator=gen), labels, num_gts)
+
+
+# num=16, pos_fraction=0.5: 8 positives wanted. Images: above, equal to and below it.
+SAMPLER_CASES = {
+    'above_equal_below_ub_half': ([(12, 30), (8, 30), (3, 30)], 0.5),
+    'below_above_equal_ub_1': ([(2, 40), (20, 5), (8, 9)], 1.0),
+    'equal_above_none_no_ub': ([(8, 20), (10, 20), (0, 20)], -1),
+    'above_no_negatives_ub_2': ([(9, 0), (8, 3), (1, 40)], 2.0),
+}
+
+
+@pytest.mark.parametrize('case', list(SAMPLER_CASES))
+@pytest.mark.parametrize('seed', [0, 5])
+def test_random_sampler_draws_like_upstream(case, seed):
+    counts, ub = SAMPLER_CASES[case]
+    assign = _assign(counts, seed=seed)
+    sampler = RandomSampler(num=16, pos_fraction=0.5, neg_pos_ub=ub, add_gt_as_proposals=False)
+    gts = [InstanceData(bboxes=boxes([0, 0, 10, 10], [5, 5, 20, 20]), labels=torch.tensor([5, 6]))]
+    priors = InstanceData(priors=torch.rand(assign.gt_inds.size(1), 4) * 10)
+    wanted = 8
+    assert {p > wanted for p, _ in counts} == {True, False}  # subsampled and not, together
+    assert any(p == wanted for p, _ in counts)
+    torch.manual_seed(seed)
+    ref_pos, ref_neg, ref_avg = [], [], 0
+    for b in range(len(counts)):
+        res = assign.gt_inds[b]
+        sampling = sampler.sample(
+            AssignResult(2, res, assign.max_overlaps[b], assign.labels[b]), priors, gts[0]
+        )
+        ref_pos.append(sorted(sampling.pos_inds.tolist()))
+        ref_neg.append(sorted(sampling.neg_inds.tolist()))
+        ref_avg += sampling.avg_factor
+    after_ref = torch.rand(())  # upstream's stream after its draws
+    torch.manual_seed(seed)
+    pos, neg, avg = sample_batch(sampler, assign, None, gts * len(counts))
+    after_got = torch.rand(())
+    for b in range(len(counts)):
+        assert pos[b].nonzero().squeeze(1).tolist() == ref_pos[b], f'image {b} positives'
+        assert neg[b].nonzero().squeeze(1).tolist() == ref_neg[b], f'image {b} negatives'
+    assert float(avg) == float(ref_avg)
+    assert after_got == after_ref  # the same number of draws, of the same sizes
+    # the neg_pos_ub bound is active for at least one image (it changes the draw)
+    if ub >= 0:
+        assert any(
+            int(ub * max(1, min(p, wanted))) < min(16 - min(p, wanted), n) for p, n in counts
+        )
+
+
+def _rpn_sampler_batch(seed):
+    """An RPN batch where image 0 has more positives than wanted, image 1 exactly as many
+    and image 2 fewer; returns (cfg, batch, wanted)."""
+    cfg = rpn_cfg(train_cfg=dict(sampler=dict(num=16, neg_pos_ub=1.0)))
+    head = build(cfg)
+    shapes = [(128, 128), (96, 128), (128, 96)]
+    batch = make_batch(head, seed, (8, 3, 1), shapes)
+    counts = _upstream_positive_counts(head, batch)
+    return cfg, batch, counts
+
+
+def _upstream_positive_counts(head, batch):
+    cls, _, gts, metas, ignore = batch
+    anchors, valid = head.get_anchors([c.shape[-2:] for c in cls], metas, device='cpu')
+    assigner = head.assigner
+    out = []
+    for i, gt in enumerate(gts):
+        priors = torch.cat(anchors[i])[torch.cat(valid[i])]
+        res = assigner.assign(InstanceData(priors=priors), gt)
+        out.append(int((res.gt_inds > 0).sum()))
+    return out
+
+
+def _weighted_loss_and_grads(head, batch, weight_of, scale=1.0, seed=0):
+    cls, reg, gts, metas, ignore = batch
+    cls = [c.detach().clone().requires_grad_() for c in cls]
+    reg = [b.detach().clone().requires_grad_() for b in reg]
+    torch.manual_seed(seed)
+    losses = head.loss_by_feat(cls, reg, gts, metas, ignore)
+    total = sum(weight_of(k, i) * v for k, vs in sorted(losses.items()) for i, v in enumerate(vs))
+    (total * scale).backward()
+    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in cls + reg]
+    return float(total.detach()), grads
+
+
+def test_rpn_sampler_above_equal_below_through_the_head():
+    """The head's draws match upstream's when images are above, at and below the count."""
+    for seed in range(40):  # the first batch whose counts straddle the wanted number
+        cfg, batch, counts = _rpn_sampler_batch(seed)
+        wanted = counts[1]
+        if counts[0] > wanted > counts[2] > 0:
+            break
+    else:
+        pytest.fail(f'no seed gives positives above / at / below the wanted count: {counts}')
+    cfg = rpn_cfg(train_cfg=dict(sampler=dict(num=2 * wanted, neg_pos_ub=1.0)))
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    plugin.load_state_dict(upstream.state_dict())
+    for s in (0, 3):
+        ref = _weighted_loss_and_grads(upstream, batch, lambda k, i: 1.0, seed=s)
+        got = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0, seed=s)
+        assert got[0] == pytest.approx(ref[0], rel=1e-5)
+        assert_grads_match(ref[1], got[1])
+
+
+# ---------------------------------------------------------------- backward
+HEADS = {
+    'retina_focal': (retina_cfg, (3, 0, 5), [(100, 120), (64, 90), (128, 128)]),
+    'rpn_sigmoid_ce': (rpn_cfg, (3, 2), [(100, 120), (64, 90)]),
+    'ssd_softmax': (ssd_cfg, (3, 1), [(300, 300), (280, 300)]),
+}
+
+
+@pytest.mark.parametrize('name', list(HEADS))
+@pytest.mark.parametrize(
+    'weights, scale',
+    [
+        ('per_level', 1.0),  # a different loss weight per level and per loss term
+        ('ones', 65536.0),  # AMP's loss scale
+        ('per_level', 2.0**-10),
+    ],
+)
+def test_backward_of_weighted_and_scaled_sums(name, weights, scale):
+    make_cfg, num_gts, shapes = HEADS[name]
+    cfg = make_cfg()
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    kw = dict(pad_divisor=1) if name.startswith('ssd') else {}
+    batch = make_batch(upstream, 1, num_gts, shapes, **kw)
+    if weights == 'ones':
+        weight_of = lambda k, i: 1.0  # noqa: E731
+    else:
+        weight_of = lambda k, i: (0.3 + 0.45 * i) * (1.7 if 'bbox' in k else 0.8)  # noqa: E731
+    ref = _weighted_loss_and_grads(upstream, batch, weight_of, scale)
+    got = _weighted_loss_and_grads(plugin, batch, weight_of, scale)
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert_grads_match(ref[1], got[1])
+    # the scale reaches the gradient: compare with the unscaled, unweighted gradient
+    plain = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0)
+    cls_ratio = got[1][0].abs().sum() / plain[1][0].abs().sum()
+    expected = scale * (weight_of('loss_cls', 0) if name != 'ssd_softmax' else 1.0)
+    if name != 'ssd_softmax':  # SSD's loss_cls is per image, not per level
+        assert float(cls_ratio) == pytest.approx(expected, rel=1e-4)
