@@ -12,18 +12,14 @@ Example::
 
 import argparse
 import os
-import os.path as osp
 
 from mmdet.engine.hooks.utils import trigger_visualization_hook
 from mmdet.evaluation import DumpDetResults
-from mmdet.registry import RUNNERS
-from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
 
 import mmdet_anchorloss  # noqa: F401  (registers the plugin types)
-from mmdet_anchorloss.engine import register_safe_checkpoint_globals
-from mmdet_anchorloss.engine.launch import fix_ssd_head_predict, setup_cpu_distributed
+from mmdet_anchorloss.engine.launch import setup_cpu_distributed
+from mmdet_anchorloss.engine.runner import build_runner, default_work_dir, prepare_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,7 +75,7 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+        cfg.work_dir = default_work_dir(args.config)
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
@@ -90,12 +86,9 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
 def main(argv=None) -> dict:
     """Test the checkpoint; returns the metrics dict (``coco/bbox_mAP``, ...)."""
     args = parse_args(argv)
-    setup_cache_size_limit_of_dynamo()
-    # torch >= 2.6 loads with weights_only=True: allow-list what mmengine checkpoints hold.
-    register_safe_checkpoint_globals()
-    fix_ssd_head_predict()
+    prepare_process()
     cfg = build_test_cfg(args)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(cfg)
     if args.out is not None:
         # a dummy metric that dumps the predictions, as mmdet does
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))

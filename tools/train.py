@@ -2,7 +2,8 @@
 
 Imports ``mmdet_anchorloss`` so that its types are registered even for configs without
 ``custom_imports``. Distributed runs use ``torchrun`` (``tools/dist_train.sh``); without CUDA
-they run on the gloo backend (see :mod:`mmdet_anchorloss.engine.launch`).
+they run on the gloo backend (see :mod:`mmdet_anchorloss.engine.launch`). The config handling
+lives in :mod:`mmdet_anchorloss.engine.runner`.
 
 Example::
 
@@ -11,23 +12,13 @@ Example::
 """
 
 import argparse
-import logging
 import os
-import os.path as osp
 
-from mmdet.utils import setup_cache_size_limit_of_dynamo
-from mmengine.config import Config, DictAction
-from mmengine.logging import print_log
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from mmengine.config import DictAction
 
 import mmdet_anchorloss  # noqa: F401  (registers the plugin types)
-from mmdet_anchorloss.engine import register_safe_checkpoint_globals
-from mmdet_anchorloss.engine.launch import (
-    check_amp_available,
-    fix_ssd_head_predict,
-    setup_cpu_distributed,
-)
+from mmdet_anchorloss.engine.launch import check_amp_available
+from mmdet_anchorloss.engine.runner import build_runner, build_train_cfg, prepare_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,91 +72,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def default_work_dir(config: str) -> str:
-    """``./work_dirs/<config file name without extension>``, mmdet's default."""
-    return osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
-
-
-def enable_amp(cfg: Config) -> None:
-    """Switch the optimizer wrapper to ``AmpOptimWrapper`` (mmdet's ``--amp``)."""
-    optim_wrapper = cfg.optim_wrapper.type
-    if optim_wrapper == 'AmpOptimWrapper':
-        print_log(
-            'AMP training is already enabled in your config.',
-            logger='current',
-            level=logging.WARNING,
-        )
-        return
-    if optim_wrapper != 'OptimWrapper':
-        raise ValueError(
-            '`--amp` is only supported when the optimizer wrapper type is `OptimWrapper` '
-            f'but got {optim_wrapper}.'
-        )
-    cfg.optim_wrapper.type = 'AmpOptimWrapper'
-    cfg.optim_wrapper.loss_scale = 'dynamic'
-
-
-def enable_auto_scale_lr(cfg: Config) -> None:
-    """Turn on ``auto_scale_lr`` (mmdet's ``--auto-scale-lr``)."""
-    scale = cfg.get('auto_scale_lr')
-    if not scale or 'enable' not in scale or 'base_batch_size' not in scale:
-        raise RuntimeError(
-            'Can not find "auto_scale_lr" or "auto_scale_lr.enable" or '
-            '"auto_scale_lr.base_batch_size" in your configuration file.'
-        )
-    cfg.auto_scale_lr.enable = True
-
-
-def build_train_cfg(args: argparse.Namespace) -> Config:
-    """Load the config and apply the command line to it, as mmdet's ``tools/train.py`` does.
-
-    Also prepares CPU distributed mode when ``--launcher pytorch`` runs without CUDA.
-    """
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    # work_dir is determined in this priority: CLI > segment in file > filename
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = default_work_dir(args.config)
-    if args.amp:
-        enable_amp(cfg)
-    if args.auto_scale_lr:
-        enable_auto_scale_lr(cfg)
-    # resume is determined in this priority: resume from > auto_resume
-    if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
-    setup_cpu_distributed(cfg, args.launcher)
-    return cfg
-
-
-def build_runner(cfg: Config) -> Runner:
-    """The default Runner, or the one named by ``cfg.runner_type``."""
-    if 'runner_type' not in cfg:
-        return Runner.from_cfg(cfg)
-    return RUNNERS.build(cfg)
-
-
-def prepare_process() -> None:
-    """Process-wide setup before a Runner is built (also used by compare_upstream.py)."""
-    # Reduce the number of repeated compilations and improve training speed.
-    setup_cache_size_limit_of_dynamo()
-    # torch >= 2.6 loads with weights_only=True: allow-list what mmengine checkpoints hold.
-    register_safe_checkpoint_globals()
-    fix_ssd_head_predict()
-
-
 def main(argv=None) -> None:
     """Train the detector described by the command line."""
     args = parse_args(argv)
     prepare_process()
-    cfg = build_train_cfg(args)
+    cfg = build_train_cfg(
+        args.config,
+        work_dir=args.work_dir,
+        cfg_options=args.cfg_options,
+        amp=args.amp,
+        auto_scale_lr=args.auto_scale_lr,
+        resume=args.resume,
+        launcher=args.launcher,
+    )
     runner = build_runner(cfg)
     runner.train()
 
