@@ -1,12 +1,12 @@
-"""tools/benchmark_loss.py: the case geometry, the loss check, and a quick end-to-end run.
+"""The loss benchmark: its cases, its loss check and tables, and a quick end-to-end run.
 
-The end-to-end run benchmarks one tiny case (``--quick``, eager kernels, one repeat) in the
-tool's own subprocesses and checks the JSON it writes: both sides present and really
-different heads, every phase timed, peak memory measured, and the two sides' losses in
-agreement (this fails if the plugin drifts from upstream).
+The end-to-end run benchmarks one tiny case (``--quick``, eager kernels, one repeat) through
+``tools/benchmark_loss.py`` and its worker processes, and checks the JSON it writes: both
+sides present and really different heads, every phase timed, peak memory measured, ops /
+launches / host syncs counted (fewer for the plugin), and the two sides' losses in agreement
+(this fails if the plugin drifts from upstream).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,40 +14,35 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from mmdet_anchorloss.benchmark import cases, measure, report, worker
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / 'tools' / 'benchmark_loss.py'
+QUICK_ENV = dict(MMDET_ANCHORLOSS_COMPILE='0', OMP_NUM_THREADS='1')
 
 
-@pytest.fixture(scope='module')
-def bench():
-    """The tool as a module (``tools/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location('_benchmark_loss_tool', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_full_size_featmaps(bench):
+def test_full_size_featmaps():
     """800x1333 input padded to 800x1344: RetinaNet's P3-P7, the RPN's P2-P6, SSD300's six."""
-    retina = bench.head_config(bench.CASES['retina-b8-g10'])
+    retina = cases.head_config(cases.CASES['retina-b8-g10'])
     strides = [(s, s) for s in retina['anchor_generator']['strides']]
-    _, img_shape, pad_shape = bench.case_geometry(bench.CASES['retina-b8-g10'], quick=False)
+    _, img_shape, pad_shape = cases.case_geometry(cases.CASES['retina-b8-g10'], quick=False)
     assert (img_shape, pad_shape) == ((800, 1333), (800, 1344))
-    assert bench.featmap_sizes(strides, pad_shape) == [
+    assert cases.featmap_sizes(strides, pad_shape) == [
         (100, 168),
         (50, 84),
         (25, 42),
         (13, 21),
         (7, 11),
     ]
-    rpn = bench.head_config(bench.CASES['rpn-b8-g10'])
+    rpn = cases.head_config(cases.CASES['rpn-b8-g10'])
     strides = [(s, s) for s in rpn['anchor_generator']['strides']]
-    assert bench.featmap_sizes(strides, pad_shape)[0] == (200, 336)
-    batch, _, pad_shape = bench.case_geometry(bench.CASES['ssd-b32-g10'], quick=False)
+    assert cases.featmap_sizes(strides, pad_shape)[0] == (200, 336)
+    batch, _, pad_shape = cases.case_geometry(cases.CASES['ssd-b32-g10'], quick=False)
     strides = [(s, s) for s in (8, 16, 32, 64, 100, 300)]
     assert batch == 32
-    assert bench.featmap_sizes(strides, pad_shape) == [
+    assert cases.featmap_sizes(strides, pad_shape) == [
         (38, 38),
         (19, 19),
         (10, 10),
@@ -57,71 +52,179 @@ def test_full_size_featmaps(bench):
     ]
 
 
-def test_configs_are_mmdets_and_twins(bench):
+def test_configs_are_mmdets_and_twins():
     """The full-size heads come from mmdet's configs; the plugin twin swaps every part."""
-    cfg = bench.head_config(bench.CASES['retina-b2-g10'])
+    cfg = cases.head_config(cases.CASES['retina-b2-g10'])
     assert (cfg['type'], cfg['num_classes'], cfg['in_channels']) == ('RetinaHead', 80, 256)
     assert cfg['train_cfg']['assigner']['type'] == 'MaxIoUAssigner'
-    twin = bench.plugin_config(cfg)
+    twin = cases.plugin_config(cfg)
     assert twin['type'] == 'AnchorLossRetinaHead'
     assert twin['loss_cls']['type'] == 'FusedFocalLoss'
     assert twin['train_cfg']['assigner']['type'] == 'BatchMaxIoUAssigner'
     assert twin['bbox_coder']['type'] == 'BatchDeltaXYWHBBoxCoder'
     assert cfg['type'] == 'RetinaHead'  # the upstream config is left as it was
-    rpn = bench.head_config(bench.CASES['rpn-b8-g10'])
+    rpn = cases.head_config(cases.CASES['rpn-b8-g10'])
     assert rpn['train_cfg']['sampler']['type'] == 'RandomSampler'
-    assert bench.plugin_config(rpn)['loss_cls']['type'] == 'FusedCrossEntropyLoss'
+    assert cases.plugin_config(rpn)['loss_cls']['type'] == 'FusedCrossEntropyLoss'
 
 
-def test_compare_losses(bench):
+def test_cases_and_defaults():
+    """G=1000 and half-precision cases exist; CPU runs skip them unless asked for."""
+    dense = cases.CASES['retina-b8-g1000']
+    assert (dense.batch_size, dense.num_gts, dense.amp) == (8, 1000, False)
+    half = [c for c in cases.CASES.values() if c.amp]
+    assert {c.name for c in half} >= {'retina-b8-g10-fp16', 'rpn-b8-g10-fp16', 'ssd-b32-g10-fp16'}
+    assert all(c.dtype == 'float16' and c.name.endswith('-fp16') for c in half)
+    assert cases.default_cases('cuda') == list(cases.CASES)
+    cpu = cases.default_cases('cpu')
+    assert 'retina-b8-g10' in cpu and 'retina-b8-g1000' not in cpu
+    assert not any(cases.CASES[n].amp for n in cpu)
+
+
+def test_half_inputs_match_float_inputs():
+    """A -fp16 case feeds the same values as its float32 twin, rounded to half."""
+    head = cases.build_head(cases.CASES['ssd-b32-g10'], 'upstream', 'cpu')
+    full = cases.make_inputs(head, cases.CASES['ssd-b32-g10'], True, 0, 'cpu')
+    half = cases.make_inputs(head, cases.CASES['ssd-b32-g10-fp16'], True, 0, 'cpu')
+    assert half.cls_scores[0].dtype == torch.float16 and half.cls_scores[0].requires_grad
+    assert half.cls_scores[0].shape == full.cls_scores[0].shape == (4, 4 * 81, 38, 38)
+    assert torch.equal(half.cls_scores[2], full.cls_scores[2].detach().half())
+    assert torch.equal(half.gts[1].bboxes, full.gts[1].bboxes)  # boxes stay float32
+
+
+def test_compare_losses():
     ref = dict(loss_cls=[1.0, 2.0], loss_bbox=[0.5, 0.0])
-    same = bench.compare_losses(ref, dict(loss_cls=[1.0, 2.0], loss_bbox=[0.5, 0.0]))
+    same = report.compare_losses(ref, dict(loss_cls=[1.0, 2.0], loss_bbox=[0.5, 0.0]))
     assert same.agree and same.max_rel_diff == 0.0
-    close = bench.compare_losses(ref, dict(loss_cls=[1.0, 2.0 * (1 + 5e-5)], loss_bbox=[0.5, 0]))
+    close = report.compare_losses(ref, dict(loss_cls=[1.0, 2.0 * (1 + 5e-5)], loss_bbox=[0.5, 0]))
     assert close.agree and close.max_rel_diff == pytest.approx(5e-5)
-    off = bench.compare_losses(ref, dict(loss_cls=[1.0, 2.0], loss_bbox=[0.5005, 0.0]))
+    off = report.compare_losses(ref, dict(loss_cls=[1.0, 2.0], loss_bbox=[0.5005, 0.0]))
     assert not off.agree
     assert off.worst == 'loss_bbox[0]'
     assert off.max_rel_diff == pytest.approx(1e-3)
-    assert not bench.compare_losses(ref, dict(loss_cls=[1.0, 2.0])).agree
-    grads = bench.compare_losses(ref, ref, [2.0, 4.0], [2.0, 4.4])
+    assert not report.compare_losses(ref, dict(loss_cls=[1.0, 2.0])).agree
+    grads = report.compare_losses(ref, ref, [2.0, 4.0], [2.0, 4.4])
     assert grads.grad_norm_max_rel_diff == pytest.approx(0.1)
 
 
-def test_snapshot_package(bench, tmp_path):
-    """Workers import a copy of the package taken at the start, first on PYTHONPATH."""
-    env = bench.snapshot_package(tmp_path)
-    assert (tmp_path / 'mmdet_anchorloss' / '__init__.py').is_file()
-    assert env['PYTHONPATH'].split(os.pathsep)[0] == str(tmp_path)
+def test_cls_kernel_pattern():
+    """Which kernel names count as the classification loss's (see measure.py)."""
+    loss_kernels = [
+        'void sigmoid_focal_loss_forward_cuda_kernel<float>(int, float const*, ...)',
+        'void sigmoid_focal_loss_backward_cuda_kernel<c10::Half>(int, ...)',
+        'void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float>(...)',
+        'void nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>(...)',
+        '_sigmoid_neg_kernel',
+        '_softmax_ce_fwd_kernel',
+        'triton_red_fused_add_mul_sigmoid_sum_0',
+    ]
+    others = [
+        'void at::native::vectorized_elementwise_kernel<4, at::native::sigmoid_kernel_cuda>',
+        'void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MaxOps>>',
+        'void at::native::index_elementwise_kernel<128, 4>',
+    ]
+    assert all(measure.CLS_KERNEL_PATTERN.search(name) for name in loss_kernels)
+    assert not any(measure.CLS_KERNEL_PATTERN.search(name) for name in others)
+
+
+def _record(side: str, launches: int, cuda: bool) -> dict:
+    """A worker's record with only what the counts table reads."""
+    record = dict(side=side, counts=dict(ops=2 * launches, launches=launches, syncs=3))
+    if cuda:
+        record['cuda'] = dict(kernels=launches, stream_syncs=1, cls_kernel_ms=1.5, kernel_ms=9.0)
+    return record
+
+
+def test_tables_show_counts_and_errors():
+    """The counts table gets CUDA columns when a side was profiled on CUDA; a side that could
+    not run shows its error in the timing table."""
+    cpu = dict(
+        case='a', upstream=_record('upstream', 40, False), plugin=_record('plugin', 9, False)
+    )
+    table = report.counts_table([cpu])
+    assert '| a | 80 / 18 | 40 / 9 | 3 / 3 |' in table and 'CUDA' not in table
+    gpu = dict(case='b', upstream=_record('upstream', 40, True), plugin=_record('plugin', 9, True))
+    failed = dict(case='c', upstream=dict(side='upstream', error='RuntimeError: no | half'))
+    failed['plugin'] = _record('plugin', 9, False)
+    table = report.counts_table([gpu, failed])
+    assert 'cudaStreamSynchronize' in table and 'cls kernel ms' in table
+    assert '| b | 80 / 18 | 40 / 9 | 3 / 3 | 40 / 9 | 1 / 1 | 1.50 / 1.50 | 9.00 / 9.00 |' in table
+    assert '| c | - / 18 | - / 9 | - / 3 | - / - |' in table
+    timing = report.timing_table([failed])
+    assert '| c | ERROR | upstream: RuntimeError: no / half |' in timing
+
+
+def test_half_case_runs_on_both_sides():
+    """SSD300 with fp16 maps under autocast, both sides in this process (eager kernels):
+    the losses agree to fp16's tolerance and the plugin dispatches fewer ops and syncs."""
+    records = {
+        side: measure.run_worker(
+            measure.WorkerOptions(case='ssd-b32-g10-fp16', side=side, quick=True, repeats=1)
+        )
+        for side in cases.SIDES
+    }
+    case = cases.CASES['ssd-b32-g10-fp16']
+    summary = report.summarise_case(case, True, records, (0.0, 0.0, 0.0))
+    assert summary['dtype'] == 'float16' and summary['loss_check']['rtol'] == 1e-2
+    assert summary['loss_check']['agree'], summary['loss_check']
+    up, pl = records['upstream'], records['plugin']
+    assert up['dtype'] == pl['dtype'] == 'float16'
+    assert len(up['losses']['loss_cls']) == 4  # per image for SSD
+    assert 0 < pl['counts']['launches'] < up['counts']['launches']
+    assert 0 < pl['counts']['syncs'] < up['counts']['syncs']
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_side_that_cannot_run_records_its_error(tmp_path):
+    """A worker whose side raises writes a record with the error (and exits 1)."""
+    opts = measure.WorkerOptions(case='ssd-b32-g10', side='plugin', device='cuda', quick=True)
+    result = tmp_path / 'record.json'
+    assert worker.main([json.dumps(opts._asdict()), str(result)]) == 1
+    record = json.loads(result.read_text())
+    assert record['side'] == 'plugin'
+    assert 'CUDA' in record['error'] or 'cuda' in record['error'], record['error']
 
 
 def test_quick_run_writes_both_sides(tmp_path):
     out = tmp_path / 'bench.json'
     cmd = [sys.executable, str(TOOL), '--quick', '--cases', 'retina-b2-g10', '--repeats', '1']
-    env = dict(os.environ, MMDET_ANCHORLOSS_COMPILE='0', OMP_NUM_THREADS='1')
+    env = dict(os.environ, **QUICK_ENV)
     result = subprocess.run(
         [*cmd, '--out', str(out)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'retina-b2-g10' in result.stdout and 'speed-up' in result.stdout
-    report = json.loads(out.read_text())
-    assert {'cpu_model', 'cpu_cores', 'torch', 'device_name'} <= set(report['machine'])
-    (case,) = report['cases']
+    assert 'host syncs' in result.stdout
+    data = json.loads(out.read_text())
+    assert {'cpu_model', 'cpu_cores', 'torch', 'device_name'} <= set(data['machine'])
+    assert not data['plugin_sources_changed_during_run']
+    (case,) = data['cases']
     assert case['case'] == 'retina-b2-g10' and case['batch_size'] == 2
-    assert case['upstream']['head'] == 'RetinaHead'
-    assert case['plugin']['head'] == 'AnchorLossRetinaHead'
-    assert case['plugin']['loss_cls'] == 'FusedFocalLoss'
-    assert 'anchorloss_bench_' in case['plugin']['source']['package']  # the snapshot
-    for side in ('upstream', 'plugin'):
-        record = case[side]
+    up, pl = case['upstream'], case['plugin']
+    assert up['head'] == 'RetinaHead'
+    assert pl['head'] == 'AnchorLossRetinaHead'
+    assert pl['loss_cls'] == 'FusedFocalLoss'
+    assert pl['source']['package'] == str(ROOT / 'mmdet_anchorloss')  # the live tree
+    assert up['source']['sources_sha1'] == pl['source']['sources_sha1']
+    for record in (up, pl):
         assert set(record['median']) == {'assign', 'fwd', 'bwd', 'fwd_bwd'}
         assert all(t > 0 for t in record['median'].values())
+        assert record['first_call']['fwd_bwd'] > 0
         assert record['memory']['peak_mb'] is not None
         assert set(record['losses']) == {'loss_cls', 'loss_bbox'}
         assert len(record['losses']['loss_cls']) == 5  # one per level
+        counts = record['counts']
+        assert 0 < counts['syncs'] < counts['launches'] <= counts['ops']
+        assert sum(counts['sync_ops'].values()) == counts['syncs']
+        assert counts['graphs_compiled'] == 0
+        assert 'cuda' not in record  # the profiler's kernel counts are CUDA only
+    # Upstream loops over images and levels with a host sync in each; the plugin does not.
+    assert pl['counts']['launches'] < up['counts']['launches']
+    assert pl['counts']['syncs'] < up['counts']['syncs']
+    assert up['counts']['sync_ops'].get('nonzero', 0) > 0
     assert set(case['speedup']) == {'assign', 'fwd', 'bwd', 'fwd_bwd'}
     assert case['floor_s'] > 0 and case['passes']['plugin'] > 0
     assert case['loss_check']['agree']
     assert case['loss_check']['max_rel_diff'] < 1e-4
     assert case['loss_check']['grad_norm_max_rel_diff'] < 1e-4
-    assert out.with_suffix('.md').is_file()
+    assert 'host syncs' in out.with_suffix('.md').read_text()

@@ -1,0 +1,178 @@
+"""Count what a step dispatches: aten ops, and the ones that force a host sync on CUDA.
+
+``count_ops()`` is a context manager that counts every aten op that reaches the dispatcher
+(the kernels a step launches outside compiled regions, plus the ones that only make
+views) and flags the ops that make the host wait for the device on CUDA:
+
+- ``_local_scalar_dense`` (``.item()``, ``bool()``, ``int()``, ``float()``);
+- ``nonzero``, ``masked_select``, ``unique*`` (the output size depends on the data);
+- ``index`` / ``index_put_`` with a boolean mask;
+- ``repeat_interleave`` without ``output_size``;
+- ``Tensor.tolist()`` / ``Tensor.numpy()`` and copies to the CPU (seen through a
+  ``TorchFunctionMode``, since on CPU they dispatch nothing).
+
+Ops inside ``torch.compile``d regions are not counted (the counter sets
+``ignore_compile_internals``, which torch 2.13 honours), and those regions run compiled.
+Dynamo guards on the torch-function mode stack, so the first counted call of each compiled
+function in a process recompiles it once: count a second step.
+
+It runs on CPU as well as CUDA, so a test can hold the budget without a GPU. On CUDA,
+``torch.cuda.set_sync_debug_mode('error')`` is the runtime's own check of the same thing.
+"""
+
+import collections
+import traceback
+from typing import Counter, NamedTuple
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+_SYNC_PACKETS = {
+    aten._local_scalar_dense,
+    aten.nonzero,
+    aten.masked_select,
+    aten.unique_dim,
+    aten._unique,
+    aten._unique2,
+    aten.unique_consecutive,
+}
+_SYNC_METHODS = {'tolist', 'numpy'}
+
+
+class OpCounts(NamedTuple):
+    """What a counted region dispatched.
+
+    Attributes:
+        ops (int): aten ops dispatched (outside compiled regions).
+        launches (int): of those, ops that are not views (a kernel launch each on CUDA,
+            at most).
+        syncs (int): ops that force a device-to-host sync on CUDA.
+        sync_ops (Counter): the syncing ops by name.
+        sync_sites (Counter): the syncing ops by ``op at file:line`` of the innermost frame
+            of this package (or of the caller) that asked for them.
+        by_op (Counter): every dispatched op by name.
+    """
+
+    ops: int
+    launches: int
+    syncs: int
+    sync_ops: Counter
+    sync_sites: Counter
+    by_op: Counter
+
+
+def _site(name: str) -> str:
+    """``name at file:line`` of the innermost frame outside torch."""
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        path = frame.filename.replace('\\', '/')
+        if '/torch/' not in path and not path.endswith('profiling.py'):
+            return f'{name} at {"/".join(path.split("/")[-2:])}:{frame.lineno}'
+    return name
+
+
+def _is_sync(func, args, kwargs) -> bool:
+    packet = func.overloadpacket
+    if packet in _SYNC_PACKETS:
+        return True
+    if packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+        indices = args[1] if len(args) > 1 else kwargs.get('indices', ())
+        return any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices
+        )
+    if packet is aten.repeat_interleave:
+        return func is aten.repeat_interleave.Tensor and kwargs.get('output_size') is None
+    return False
+
+
+def _is_view(func) -> bool:
+    return bool(getattr(func, 'is_view', False)) or func.overloadpacket in (
+        aten.detach,
+        aten.view,
+        aten._unsafe_view,
+        aten.alias,
+        aten.lift_fresh,
+    )
+
+
+class _DispatchCounter(TorchDispatchMode):
+    def __init__(self, owner: 'count_ops') -> None:
+        super().__init__()
+        self.owner = owner
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Compiled regions run compiled, and the ops inside them are not counted. Without
+        # this, Dynamo skips every frame while a dispatch mode is on the stack: a
+        # ``fullgraph=True`` function then raises, and ``MaybeCompiled`` falls back to
+        # eager kernels for the rest of the process.
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket.__name__)
+        self.owner.by_op[name] += 1
+        if not _is_view(func):
+            self.owner.launches += 1
+        if _is_sync(func, args, kwargs):
+            self.owner.sync_ops[name] += 1
+            self.owner.sync_sites[_site(name)] += 1
+        return func(*args, **kwargs)
+
+
+class _FunctionCounter(TorchFunctionMode):
+    def __init__(self, owner: 'count_ops') -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, '__name__', '')
+        if name in _SYNC_METHODS:
+            self.owner.sync_ops[f'Tensor.{name}'] += 1
+            self.owner.sync_sites[_site(f'Tensor.{name}')] += 1
+        elif name in ('cpu', 'to') and args and isinstance(args[0], torch.Tensor):
+            target = args[1] if len(args) > 1 else kwargs.get('device')
+            if name == 'cpu' or (target is not None and str(target) == 'cpu'):
+                if args[0].device.type != 'cpu':
+                    self.owner.sync_ops[f'Tensor.{name}'] += 1
+                    self.owner.sync_sites[_site(f'Tensor.{name}')] += 1
+        return func(*args, **kwargs)
+
+
+class count_ops:  # noqa: N801 (used as a context manager, like torch's modes)
+    """Count dispatched aten ops and CUDA host syncs inside a ``with`` block.
+
+    Example:
+        >>> with count_ops() as counter:
+        ...     loss = head.loss_by_feat(...); sum(...).backward()
+        >>> counter.result().syncs
+    """
+
+    def __init__(self) -> None:
+        self.by_op: Counter = collections.Counter()
+        self.sync_ops: Counter = collections.Counter()
+        self.sync_sites: Counter = collections.Counter()
+        self.launches = 0
+        self._modes = (_FunctionCounter(self), _DispatchCounter(self))
+
+    def __enter__(self) -> 'count_ops':
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    def result(self) -> OpCounts:
+        return OpCounts(
+            ops=sum(self.by_op.values()),
+            launches=self.launches,
+            syncs=sum(self.sync_ops.values()),
+            sync_ops=collections.Counter(self.sync_ops),
+            sync_sites=collections.Counter(self.sync_sites),
+            by_op=collections.Counter(self.by_op),
+        )
