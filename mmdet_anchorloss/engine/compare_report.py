@@ -139,7 +139,8 @@ def rule_text(n: int) -> str:
         f'Verdict rule: d = plugin - upstream per seed; s = the seed-to-seed standard deviation '
         f'of each side, pooled over both; the mean difference is *{stats.WITHIN}* when '
         f'|mean(d)| <= {stats.SPREAD_FACTOR:g} x s x sqrt(2/N) (the "spread bound"), else '
-        f'*{stats.BEYOND}*. N = {n}.' + ('' if n > 1 else f' With one seed: {stats.NO_VERDICT}.')
+        f'*{stats.BEYOND}*. N = {n}.'
+        + ('' if n > 1 else ' With one seed the verdict cannot be given.')
     )
 
 

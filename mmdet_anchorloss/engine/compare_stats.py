@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 SIDES = ('plugin', 'upstream')
 WITHIN = 'within run-to-run spread'
 BEYOND = 'differs beyond the spread'
-NO_VERDICT = 'no verdict: one seed has no spread (use --seeds 3 or more)'
+NO_VERDICT = 'cannot be given with one seed (no run-to-run spread; use --seeds 3 or more)'
 SPREAD_FACTOR = 2.0
 # Relative differences of the total loss at which the report says the two runs part.
 PARTING_TOLERANCES = (1e-5, 1e-3)
@@ -214,7 +214,7 @@ def compare_runs(runs: Sequence[dict]) -> dict:
             metrics[key] = spread([a for a, _ in pairs], [b for _, b in pairs])
     verdicts = {metrics[k]['verdict'] for k in keys if k in metrics}
     if not verdicts:
-        verdict = 'no verdict: no evaluation metrics'
+        verdict = 'cannot be given: no evaluation metrics'
     elif BEYOND in verdicts:
         verdict = BEYOND
     else:
