@@ -1,6 +1,6 @@
 """Batched training targets: anchors -> assignment -> sampling -> encoded box targets."""
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from mmdet.models.task_modules.samplers import PseudoSampler, RandomSampler
@@ -124,6 +124,7 @@ def build_targets(
     pos: Tensor,
     neg: Tensor,
     avg_factor: Tensor,
+    num_pos: Optional[int] = None,
 ) -> SampledTargets:
     """Labels, weights and encoded box targets, as upstream ``_get_targets_single``.
 
@@ -131,6 +132,8 @@ def build_targets(
         head: the head (reads ``num_classes``, ``train_cfg['pos_weight']``,
             ``reg_decoded_bbox``, ``bbox_coder``).
         pos, neg (Tensor): (B, N) bool sampled masks.
+        num_pos (int, optional): ``pos.sum()`` when the caller has read it already: the
+            positives are then found without a host sync.
     """
     B, N = pos.shape
     labels = torch.where(pos, assign.labels, head.num_classes)
@@ -138,7 +141,7 @@ def build_targets(
     label_weights = torch.where(
         pos, pos_weight if pos_weight > 0 else 1.0, torch.where(neg, 1.0, 0.0)
     ).float()
-    pos_b, pos_n = pos.nonzero(as_tuple=True)  # the one host sync of the target step
+    pos_b, pos_n = positions(pos, num_pos)
     pos_gt = gts.bboxes[pos_b, assign.gt_inds[pos_b, pos_n] - 1]
     if head.reg_decoded_bbox:
         pos_targets = pos_gt
@@ -147,6 +150,18 @@ def build_targets(
     return SampledTargets(
         labels, label_weights, pos, neg, pos_b, pos_n, pos_gt, pos_targets, avg_factor, assign
     )
+
+
+def positions(mask: Tensor, count: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(row, column) of the True entries of a (B, N) mask, in row-major order.
+
+    With ``count`` (the number of True entries, read back by the caller) this makes no host
+    sync (``nonzero_static``); without it, ``nonzero`` reads the count itself.
+    """
+    if count is None or not hasattr(torch, 'nonzero_static'):
+        return mask.nonzero(as_tuple=True)
+    found = torch.nonzero_static(mask, size=count)
+    return found[:, 0], found[:, 1]
 
 
 def levels_to_rows(maps: List[Tensor], channels: int) -> Tensor:

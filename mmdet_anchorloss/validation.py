@@ -83,28 +83,29 @@ def check_predictions(
             )
 
 
-def check_gts(gts: PaddedBoxes, num_classes: int, metas: Sequence[dict], what: str = 'gt') -> None:
-    """Boxes must be finite with x2 >= x1, y2 >= y1; labels in [0, num_classes).
-
-    One host sync for the batch; the message names the first bad box.
-    """
+def gt_problems(gts: PaddedBoxes, num_classes: int) -> Tensor:
+    """(B, G) bool, on the device: real boxes that are not finite, have x2 < x1 or y2 < y1,
+    or (when ``num_classes`` > 0) a label outside [0, num_classes). No host sync."""
     b = gts.bboxes
-    bad_value = ~torch.isfinite(b).all(dim=-1)
-    bad_order = (b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1])
-    bad_label = (
-        (gts.labels < 0) | (gts.labels >= num_classes)
-        if num_classes > 0
-        else torch.zeros_like(bad_order)
-    )
-    bad = (bad_value | bad_order | bad_label) & gts.mask
-    if not bool(bad.any()):
-        return
+    bad = ~torch.isfinite(b).all(dim=-1) | (b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1])
+    if num_classes > 0:
+        bad = bad | (gts.labels < 0) | (gts.labels >= num_classes)
+    return bad & gts.mask
+
+
+def raise_gt_error(
+    gts: PaddedBoxes, num_classes: int, metas: Sequence[dict], what: str = 'gt'
+) -> None:
+    """Raise the ``ValueError`` that names the first bad box of the batch (the error path;
+    it reads the offending values back)."""
+    b = gts.bboxes
+    bad = gt_problems(gts, num_classes)
     img, box = (int(v) for v in bad.nonzero()[0])
     coords = [round(float(v), 4) for v in b[img, box].tolist()]
     where = f'{describe_image(img, metas)}, {what} box {box} {coords}'
-    if bool(bad_value[img, box]):
+    if not bool(torch.isfinite(b[img, box]).all()):
         problem = 'has a NaN or infinite coordinate'
-    elif bool(bad_order[img, box]):
+    elif bool((b[img, box, 2] < b[img, box, 0]) | (b[img, box, 3] < b[img, box, 1])):
         problem = 'has x2 < x1 or y2 < y1 (boxes are x1, y1, x2, y2)'
     else:
         problem = (
@@ -114,6 +115,15 @@ def check_gts(gts: PaddedBoxes, num_classes: int, metas: Sequence[dict], what: s
     count = int(bad.sum())
     more = f'; {count - 1} more bad box(es) in the batch' if count > 1 else ''
     raise ValueError(f'invalid ground truth: {where} {problem}{more}')
+
+
+def check_gts(gts: PaddedBoxes, num_classes: int, metas: Sequence[dict], what: str = 'gt') -> None:
+    """Boxes must be finite with x2 >= x1, y2 >= y1; labels in [0, num_classes).
+
+    One host sync for the batch; the message names the first bad box.
+    """
+    if bool(gt_problems(gts, num_classes).any()):
+        raise_gt_error(gts, num_classes, metas, what)
 
 
 def check_finite_predictions(cls_scores: List[Tensor], bbox_preds: List[Tensor]) -> None:

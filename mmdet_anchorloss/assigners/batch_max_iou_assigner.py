@@ -10,6 +10,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
+from ..sync_policy import avoid_host_sync
 from .iou_kernels import chunk_ties, finalize_assignment, low_quality_ties, overlap_max
 
 NEGATIVE = 0
@@ -162,10 +163,13 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         """
         B, N = inside.shape
         need = (torch.stack(chunk_max) == gt_max) & eligible  # (C, B, G)
-        c, b, g = need.nonzero(as_tuple=True)  # one host sync
-        if ties is not low_quality_ties or 2 * len(c) > need.numel():
-            # other calculator, or most (chunk, gt) pairs needed (one chunk, few anchors):
-            # the fused pass over every chunk is cheaper than gathering pairs
+        every_chunk = ties is not low_quality_ties or len(bounds) == 1 or avoid_host_sync(need)
+        if not every_chunk:
+            c, b, g = need.nonzero(as_tuple=True)  # one host sync
+            every_chunk = 2 * len(c) > need.numel()
+        if every_chunk:
+            # other calculator, one chunk, no host sync wanted (CUDA), or most (chunk, gt)
+            # pairs needed: the fused pass over every chunk is cheaper than gathering pairs
             return torch.cat(
                 [
                     ties(

@@ -218,6 +218,7 @@ def batch_assign_stats(
     level_sizes: Sequence[int],
     num_gts: Tensor,
     valid: Optional[Tensor] = None,
+    num_gt_slots: Optional[int] = None,
 ) -> BatchAssignStats:
     """Positives per level and gts without a positive anchor, for a batch, without host sync.
 
@@ -228,6 +229,9 @@ def batch_assign_stats(
         num_gts (Tensor): (B,) long, number of real gts of each image.
         valid (Tensor, optional): (B, N) bool, anchors the assigner saw (valid and inside);
             others are not counted as negative or ignored. Defaults to all anchors.
+        num_gt_slots (int, optional): an upper bound G on the gt indices (the padded gt
+            count). With it, covered gts are counted with one scatter into (B, G + 1)
+            instead of a sort of (B, N).
 
     Returns:
         BatchAssignStats: tensors on ``gt_inds.device``; ``pos_per_level`` is (L,).
@@ -251,10 +255,15 @@ def batch_assign_stats(
 
     # A gt is covered when its index occurs among the positives: count distinct positive
     # values per row (sort, then count the first occurrence of each value).
-    ordered = gt_inds.clamp(min=0).sort(dim=1).values
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    num_covered = (first & (ordered > 0)).sum()
+    if num_gt_slots is not None:
+        covered = torch.zeros(gt_inds.size(0), num_gt_slots + 1, device=gt_inds.device)
+        covered.scatter_(1, gt_inds.clamp(min=0), 1.0)
+        num_covered = covered[:, 1:].sum().long()
+    else:
+        ordered = gt_inds.clamp(min=0).sort(dim=1).values
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        num_covered = (first & (ordered > 0)).sum()
     total_gts = num_gts.to(gt_inds.device).long().sum()
     return BatchAssignStats(
         pos_per_level=pos_per_level,

@@ -17,26 +17,36 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from ..anchors import BatchAnchors, batch_anchors
-from ..losses.fused_cross_entropy_loss import FusedCrossEntropyLoss
+from ..diagnostics.assignment_stats import batch_assign_stats
 from ..losses.level_reduce import normalise, rows_of, segment_sum
-from ..losses.softmax_levels import softmax_cross_entropy_rows
 from ..structures import PaddedBoxes, SampledTargets, pad_instances
 from ..targets import assign_batch, build_targets, gather_anchor_rows, levels_to_rows, sample_batch
 from ..validation import (
     check_batch_lengths,
     check_finite_predictions,
-    check_gts,
     check_predictions,
     describe_image,
+    gt_problems,
+    raise_gt_error,
 )
 
 
 class LossInputs(NamedTuple):
-    """What the loss needs besides the predictions."""
+    """What the loss needs besides the predictions.
+
+    Attributes:
+        anchors (BatchAnchors): anchors (N, 4) and per-image inside flags (B, N).
+        gts (PaddedBoxes): the batch's gts, padded to (B, G).
+        targets (SampledTargets): labels, weights and box targets.
+        assign_stats (dict[str, float] | None): the training-log statistics of the
+            assignment (``assign_log_values``), read back with the positives' count;
+            None when ``log_assign_stats`` is off.
+    """
 
     anchors: BatchAnchors
     gts: PaddedBoxes
     targets: SampledTargets
+    assign_stats: Optional[Dict[str, float]] = None
 
 
 class BatchedAnchorLossMixin:
@@ -87,13 +97,11 @@ class BatchedAnchorLossMixin:
         """
         check_batch_lengths(batch_gt_instances, batch_img_metas, batch_gt_instances_ignore)
         gts = pad_instances(batch_gt_instances, device)
-        check_gts(gts, self.num_classes, batch_img_metas)
         ignore = None
         if batch_gt_instances_ignore is not None and any(
             i is not None and len(i) > 0 for i in batch_gt_instances_ignore
         ):
             ignore = pad_instances(batch_gt_instances_ignore, device, with_labels=False)
-            check_gts(ignore, 0, batch_img_metas, what='ignore')
         anchors = batch_anchors(
             self.prior_generator,
             featmap_sizes,
@@ -101,52 +109,60 @@ class BatchedAnchorLossMixin:
             self.train_cfg['allowed_border'],
             device,
         )
-        no_inside = ~anchors.inside.any(dim=1)
-        if bool(no_inside.any()):
-            img = int(no_inside.nonzero()[0])
-            raise ValueError(
-                f'{describe_image(img, batch_img_metas)} has no valid anchor inside the '
-                f'image boundary (img_shape={batch_img_metas[img]["img_shape"]}). Check the '
-                'image size and anchor sizes, or set ``allowed_border`` to -1 to skip the '
-                'condition.'
-            )
+        check_targets_inputs(gts, ignore, anchors, self.num_classes, batch_img_metas)
         assign = assign_batch(
             self.assigner, anchors, gts, ignore, batch_gt_instances, batch_gt_instances_ignore
         )
         pos, neg, avg_factor = sample_batch(self.sampler, assign, anchors, batch_gt_instances)
         if self.sync_avg_factor:
             avg_factor = reduce_mean(avg_factor)
-        targets = build_targets(self, anchors, gts, assign, pos, neg, avg_factor)
-        return LossInputs(anchors, gts, targets)
+        # The target step's one read-back: the number of positives (so that they are found
+        # without another sync) and, with it, the statistics for the training log.
+        read = [pos.sum().view(1).float()]
+        if self.log_assign_stats:
+            stats = batch_assign_stats(
+                assign.gt_inds, anchors.level_sizes, gts.num_gts, anchors.inside, gts.mask.size(1)
+            )
+            read += [stats.pos_per_level.float(), stats.num_gts.view(1).float()]
+            read += [stats.num_gts_without_pos.view(1).float()]
+        num_pos, *stat_values = torch.cat(read).tolist()
+        targets = build_targets(
+            self, anchors, gts, assign, pos, neg, avg_factor, num_pos=int(num_pos)
+        )
+        stats = assign_log_values(stat_values, len(batch_img_metas)) if stat_values else None
+        return LossInputs(anchors, gts, targets, stats)
 
     # --------------------------------------------------------------- losses
     def _cls_level_losses(self, cls_scores: List[Tensor], inputs: LossInputs) -> Tensor:
-        """(L,) classification loss per level."""
+        """(L,) classification loss per level.
+
+        A loss that offers ``level_losses`` (the fused-loss protocol, see
+        ``losses.FusedSigmoidMixin``) reads the level maps itself; any other mmdet loss, or
+        a fused one whose options it cannot fuse (it returns None), is called once over all
+        levels and reduced per level.
+        """
         t, a = inputs.targets, inputs.anchors
-        loss = self.loss_cls
-        if hasattr(loss, 'level_losses') and loss._fusable():
-            return loss.level_losses(
+        fused = getattr(self.loss_cls, 'level_losses', None)
+        if fused is not None:
+            out = fused(
                 cls_scores,
                 self.prior_generator.num_base_anchors,
                 t.labels,
                 t.label_weights,
                 t.avg_factor,
+                positives=(t.pos_batch_inds, t.pos_anchor_inds),
             )
+            if out is not None:
+                return out
         B, N = t.labels.shape
-        if isinstance(loss, FusedCrossEntropyLoss) and loss._fusable_softmax():
-            ce = softmax_cross_entropy_rows(
-                cls_scores, self.prior_generator.num_base_anchors, t.labels
-            )
-            rows = loss.loss_weight * t.label_weights * ce
-        else:  # any mmdet loss: one call over all levels, reduced per level
-            flat = levels_to_rows(cls_scores, self.cls_out_channels)
-            out = loss(
-                flat.reshape(B * N, -1),
-                t.labels.reshape(-1),
-                t.label_weights.reshape(-1),
-                reduction_override='none',
-            )
-            rows = rows_of(out, B * N).view(B, N)
+        flat = levels_to_rows(cls_scores, self.cls_out_channels)
+        out = self.loss_cls(
+            flat.reshape(B * N, -1),
+            t.labels.reshape(-1),
+            t.label_weights.reshape(-1),
+            reduction_override='none',
+        )
+        rows = rows_of(out, B * N).view(B, N)
         per_level = segment_sum(rows.sum(dim=0), a.level_ids, len(a.level_sizes))
         return normalise(per_level, t.avg_factor)
 
@@ -170,9 +186,9 @@ class BatchedAnchorLossMixin:
         """(L,) regression loss per level, computed on the positives only."""
         t, a = inputs.targets, inputs.anchors
         pred = self._positive_deltas(bbox_preds, inputs)
-        out = self.loss_bbox(
-            pred, t.pos_bbox_targets, torch.ones_like(t.pos_bbox_targets), reduction_override='none'
-        )
+        # Every positive has weight 1: passing none keeps the values and spares the
+        # ``torch.any(weight > 0)`` read-back of mmdet's regression losses.
+        out = self.loss_bbox(pred, t.pos_bbox_targets, None, reduction_override='none')
         rows = rows_of(out, len(pred))
         per_level = segment_sum(rows, a.level_ids[t.pos_anchor_inds], len(a.level_sizes))
         return normalise(per_level, t.avg_factor)
@@ -234,8 +250,10 @@ class BatchedAnchorLossMixin:
             batch_gt_instances_ignore,
             device=cls_scores[0].device,
         )
-        if self.log_assign_stats:
-            log_assign_stats(inputs)
+        if inputs.assign_stats is not None:
+            hub = MessageHub.get_current_instance()
+            for key, value in inputs.assign_stats.items():
+                hub.update_scalar(key, value)
         return inputs
 
     # --------------------------------------------------------------- mmdet 2.x names
@@ -280,25 +298,50 @@ class BatchedAnchorLossMixin:
         return self.loss_by_feat(cls_scores, bbox_preds, gts, img_metas, ignore)
 
 
-def log_assign_stats(inputs: LossInputs) -> None:
-    """Assigned positives per level (mean per image) and the share of gts with no
-    positive anchor, to mmengine's ``MessageHub`` (so they reach the training log).
+def check_targets_inputs(
+    gts: PaddedBoxes,
+    ignore: Optional[PaddedBoxes],
+    anchors: BatchAnchors,
+    num_classes: int,
+    metas: Sequence[dict],
+) -> None:
+    """Bad gt / ignore boxes, and images without an inside anchor, in one host sync.
 
-    Computed on the device; read back in one small copy after the target step's own
-    host sync, so it adds no stall of its own.
+    Raises:
+        ValueError: naming the image and box (``validation.raise_gt_error``), or the image
+            that has no anchor inside its boundary.
     """
-    assign, anchors = inputs.targets.assign, inputs.anchors
-    B, G = inputs.gts.mask.shape
-    pos = assign.gt_inds > 0
-    pos_per_level = segment_sum(
-        pos.sum(dim=0).float(), anchors.level_ids, len(anchors.level_sizes)
-    ) / max(B, 1)
-    matched = torch.zeros(B, G + 1, device=pos.device)
-    matched.scatter_(1, assign.gt_inds.clamp(min=0), 1.0)
-    total = inputs.gts.mask.sum().float()
-    unmatched = (total - (matched[:, 1:] * inputs.gts.mask).sum()) / total.clamp(min=1)
-    values = torch.cat([pos_per_level, unmatched.view(1)]).tolist()
-    hub = MessageHub.get_current_instance()
-    for lvl, value in enumerate(values[:-1]):
-        hub.update_scalar(f'train/assign/pos_l{lvl}', value)
-    hub.update_scalar('train/assign/gts_without_pos', values[-1])
+    flags = [gt_problems(gts, num_classes).any(), (~anchors.inside.any(dim=1)).any()]
+    if ignore is not None:
+        flags.append(gt_problems(ignore, 0).any())
+    bad_gt, no_inside, *bad_ignore = torch.stack(flags).tolist()  # the one read-back
+    if bad_gt:
+        raise_gt_error(gts, num_classes, metas)
+    if bad_ignore and bad_ignore[0]:
+        raise_gt_error(ignore, 0, metas, what='ignore')
+    if no_inside:
+        img = int((~anchors.inside.any(dim=1)).nonzero()[0])
+        raise ValueError(
+            f'{describe_image(img, metas)} has no valid anchor inside the '
+            f'image boundary (img_shape={metas[img]["img_shape"]}). Check the '
+            'image size and anchor sizes, or set ``allowed_border`` to -1 to skip the '
+            'condition.'
+        )
+
+
+def assign_log_values(values: Sequence[float], num_images: int) -> Dict[str, float]:
+    """The training-log keys from ``batch_assign_stats``'s values, read back as floats.
+
+    Args:
+        values (Sequence[float]): positives per level (L values), then the number of gts and
+            the number of gts without a positive anchor.
+        num_images (int): B.
+
+    Returns:
+        dict: ``train/assign/pos_l{l}`` (positives per image on level l) and
+        ``train/assign/gts_without_pos`` (their share of the batch's gts).
+    """
+    *per_level, num_gts, without = values
+    out = {f'train/assign/pos_l{lvl}': v / max(num_images, 1) for lvl, v in enumerate(per_level)}
+    out['train/assign/gts_without_pos'] = without / max(num_gts, 1.0)
+    return out

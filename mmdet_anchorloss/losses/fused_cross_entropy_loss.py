@@ -1,12 +1,15 @@
 """CrossEntropyLoss, sigmoid path fused; a drop-in for mmdet's ``CrossEntropyLoss``."""
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
+import torch
 from mmdet.models.losses import CrossEntropyLoss
 from mmdet.registry import MODELS
 from torch import Tensor
 
 from .fused_focal_loss import FusedSigmoidMixin
+from .level_reduce import normalise
+from .softmax_levels import softmax_cross_entropy_rows
 
 
 @MODELS.register_module()
@@ -25,6 +28,33 @@ class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
 
     def _fusable(self) -> bool:
         return self.use_sigmoid and self.class_weight is None and self.ignore_index is None
+
+    def level_losses(
+        self,
+        levels: Sequence[Tensor],
+        num_base_priors: Sequence[int],
+        labels: Tensor,
+        weights: Tensor,
+        avg_factor,
+        positives: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Optional[Tensor]:
+        """Per-level losses from the prediction maps: the fused sigmoid kernel, or the
+        softmax read in place; None when the options need the generic path.
+
+        See ``FusedSigmoidMixin.level_losses`` for the arguments; for softmax the maps are
+        (B, A_l * (C + 1), H_l, W_l).
+        """
+        if self._fusable():
+            return super().level_losses(
+                levels, num_base_priors, labels, weights, avg_factor, positives
+            )
+        if not self._fusable_softmax():
+            return None
+        rows = (
+            self.loss_weight * weights * softmax_cross_entropy_rows(levels, num_base_priors, labels)
+        )
+        sizes = [a * x.size(2) * x.size(3) for x, a in zip(levels, num_base_priors)]
+        return normalise(torch.stack([r.sum() for r in rows.split(sizes, dim=1)]), avg_factor)
 
     def _fusable_softmax(self) -> bool:
         """Softmax read straight from the level maps (no class_weight / ignore_index)."""

@@ -1,6 +1,6 @@
 """FocalLoss with a fused kernel and analytic gradient; a drop-in for mmdet's ``FocalLoss``."""
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from mmdet.models.losses import FocalLoss
 from mmdet.registry import MODELS
@@ -15,6 +15,10 @@ class FusedSigmoidMixin:
 
     Subclasses define ``_sigmoid_params()`` -> (gamma, alpha_pos, alpha_neg) and
     ``_fusable()``.
+
+    ``level_losses`` is the fused-loss protocol the plugin heads use: any classification
+    loss with that method gets the fast path; it returns None when its options need the
+    generic path, and the head then calls the loss the upstream way.
     """
 
     def level_losses(
@@ -24,7 +28,8 @@ class FusedSigmoidMixin:
         labels: Tensor,
         weights: Tensor,
         avg_factor,
-    ) -> Tensor:
+        positives: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Optional[Tensor]:
         """Per-level losses straight from the prediction maps, as upstream reports them.
 
         Args:
@@ -33,13 +38,18 @@ class FusedSigmoidMixin:
             labels (Tensor): (B, N) long in [0, C]; C is background.
             weights (Tensor): (B, N) float.
             avg_factor (Tensor | float): the normaliser.
+            positives (tuple[Tensor, Tensor], optional): (P,) image and anchor index of
+                the anchors with a label < C, when the caller has them (spares a sync).
 
         Returns:
-            Tensor: (L,) ``loss_weight * sum(level) / (avg_factor + eps)``.
+            Tensor | None: (L,) ``loss_weight * sum(level) / (avg_factor + eps)``; None
+            when this loss's options are not fused (the caller uses ``forward``).
         """
+        if not self._fusable():
+            return None
         scale = self.loss_weight / (avg_factor + EPS)
         return sigmoid_level_losses(
-            levels, num_base_priors, labels, weights, scale, *self._sigmoid_params()
+            levels, num_base_priors, labels, weights, scale, *self._sigmoid_params(), positives
         )
 
     def _fused_forward(

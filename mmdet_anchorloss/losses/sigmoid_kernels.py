@@ -13,15 +13,15 @@ Binary cross-entropy: gamma = 0, alpha_pos = alpha_neg = 1 (``CrossEntropyLoss``
 with ``use_sigmoid=True``).
 """
 
-import collections
 import os
 import sys
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..compile import MaybeCompiled
+from ..sync_policy import avoid_host_sync
 
 _EAGER_CHUNK = 1 << 22  # elements per eager chunk: temporaries stay a few MB
 
@@ -160,16 +160,25 @@ def _anchor_layout(v: Tensor, shape) -> Tensor:
 
 
 def _positive_flat_index(
-    labels: Tensor, level_sizes: Sequence[int], shapes: Sequence[Tuple[int, int, int, int]]
+    labels: Tensor,
+    level_sizes: Sequence[int],
+    shapes: Sequence[Tuple[int, int, int, int]],
+    positives: Optional[Tuple[Tensor, Tensor]] = None,
 ):
     """Where the target-1 entries lie.
+
+    Args:
+        positives (tuple[Tensor, Tensor], optional): (P,) image and anchor index of the
+            labels < C, when the caller has them; else found here (a host sync).
 
     Returns:
         tuple: pos_b, pos_n (P,) long; level (P,) long; flat (P,) long index into that
         level's (B, A, C, S) map. Positives are labels < C.
     """
     C = shapes[0][2]
-    pos_b, pos_n = (labels < C).nonzero(as_tuple=True)
+    if positives is None:
+        positives = (labels < C).nonzero(as_tuple=True)
+    pos_b, pos_n = positives
     bounds = torch.tensor(list(level_sizes), device=labels.device).cumsum(0)
     level = torch.bucketize(pos_n, bounds, right=True)
     starts = torch.cat([bounds.new_zeros(1), bounds[:-1]])
@@ -191,12 +200,6 @@ def _take_levels(x4s: List[Tensor], level: Tensor, flat: Tensor) -> Tensor:
     return out
 
 
-# Whether the backward reads the incoming gradient to skip scaling by exactly 1: worth it on
-# CPU (the read is free, the scaling pass is not); on CUDA the read would be a host sync,
-# so the gradient is always scaled in place there.
-_CHECK_UNIT_GRAD = collections.defaultdict(bool, cpu=True)
-
-
 class SigmoidLevelsLoss(torch.autograd.Function):
     """Per-level totals (L,) of a scaled, weighted sigmoid focal / BCE loss.
 
@@ -214,6 +217,7 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         scale: Tensor,
         params: Tuple[float, float, float],
         num_base_priors: Sequence[int],
+        positives: Optional[Tuple[Tensor, Tensor]],
         *levels: Tensor,
     ) -> Tensor:
         gamma, alpha_pos, alpha_neg = params
@@ -221,7 +225,7 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         shapes = [tuple(x.shape) for x in x4s]
         level_sizes = [s[1] * s[3] for s in shapes]
         coef = (weights * scale).float()  # (B, N)
-        want_grad = any(ctx.needs_input_grad[5:])
+        want_grad = any(ctx.needs_input_grad[6:])
         totals, grads = [], []
         # One fused kernel per level (levels differ in shape; no host sync between them).
         for x4, c in zip(x4s, coef.split(level_sizes, dim=1)):
@@ -240,7 +244,7 @@ class SigmoidLevelsLoss(torch.autograd.Function):
             totals.append(total)
         totals = torch.stack(totals).float()
         # target-1 entries: swap the target-0 term for the target-1 term, on (P,) values
-        pos_b, pos_n, level, flat = _positive_flat_index(labels, level_sizes, shapes)
+        pos_b, pos_n, level, flat = _positive_flat_index(labels, level_sizes, shapes, positives)
         x_pos = _take_levels(x4s, level, flat).float()
         c_pos = coef[pos_b, pos_n]
         corr = (_pos_loss(x_pos, gamma, alpha_pos) - _neg_loss(x_pos, gamma, alpha_neg)) * c_pos
@@ -264,9 +268,9 @@ class SigmoidLevelsLoss(torch.autograd.Function):
                 'SigmoidLevelsLoss: backward through the same graph twice '
                 '(retain_graph) is not supported'
             )
-        if not (_CHECK_UNIT_GRAD[grad_totals.device.type] and bool((grad_totals == 1).all())):
+        if avoid_host_sync(grad_totals) or not bool((grad_totals == 1).all()):
             grads = [g.mul_(s.to(g.dtype)) for g, s in zip(grads, grad_totals)]  # we own g
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 def sigmoid_level_losses(
@@ -278,6 +282,7 @@ def sigmoid_level_losses(
     gamma: float,
     alpha_pos: float,
     alpha_neg: float,
+    positives: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Sigmoid focal / BCE loss of multi-level maps, summed per level.
 
@@ -287,6 +292,8 @@ def sigmoid_level_losses(
         labels (Tensor): (B, N) long in [0, C]; C is background (all targets 0).
         weights (Tensor): (B, N) float per-anchor weights.
         scale (Tensor | float): multiplies every term, e.g. loss_weight / (avg_factor + eps).
+        positives (tuple[Tensor, Tensor], optional): (P,) image and anchor index of the
+            labels < C, in row-major order, when the caller has them (spares a host sync).
 
     Returns:
         Tensor: (L,) float; entry l is scale * sum over anchors n of level l and classes c
@@ -300,5 +307,6 @@ def sigmoid_level_losses(
         scale,
         (float(gamma), float(alpha_pos), float(alpha_neg)),
         list(num_base_priors),
+        positives,
         *levels,
     )
