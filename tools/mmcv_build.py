@@ -13,8 +13,9 @@ default), for the local GPUs' architectures only (``torch.cuda.get_device_capabi
 GPU: set ``TORCH_CUDA_ARCH_LIST``), ``MMCV_CUDA=0`` builds CPU ops only. ``MAX_JOBS``
 defaults to the number of cores.
 
-``python tools/mmcv_build.py check-ops DEVICE`` exits 0 when the installed mmcv's ops run on
-DEVICE, else 1 with the reason (see ``mmdet_anchorloss/engine/env_info.py``).
+``python tools/mmcv_build.py check-ops DEVICE [--no-probe]`` exits 0 when the installed mmcv's
+ops run on DEVICE (``--no-probe``: are compiled for it), else 1 with the reason (see
+``mmdet_anchorloss/engine/env_info.py``).
 """
 
 import importlib.util
@@ -207,10 +208,10 @@ def main(argv=None) -> int:
         for key, value in settings.items():
             print(f'{key}={shlex.quote(value)}')
         return 0
-    if argv[:1] == ['check-ops'] and len(argv) == 2:
+    if argv[:1] == ['check-ops'] and len(argv) in (2, 3):
         env_info = load_env_info()
         try:
-            env_info.check_mmcv_ops(argv[1])
+            env_info.check_mmcv_ops(argv[1], probe='--no-probe' not in argv)
         except env_info.MmcvOpsError as exc:
             print(exc)
             return 1
