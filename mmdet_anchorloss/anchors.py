@@ -53,7 +53,9 @@ def _grid(prior_generator, featmap_sizes: Sequence[Tuple[int, int]], device) -> 
             ys.append(idx // feat_w)
             xs.append(idx % feat_w)
         level_ids = torch.repeat_interleave(
-            torch.arange(len(level_sizes), device=device), torch.tensor(level_sizes, device=device)
+            torch.arange(len(level_sizes), device=device),
+            torch.tensor(level_sizes, device=device),
+            output_size=sum(level_sizes),
         )
         if len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))

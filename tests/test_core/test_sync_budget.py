@@ -1,0 +1,97 @@
+"""Host syncs of one training step: at most 2 for RetinaNet, any B and G (issue 10).
+
+A sync is an op after which the host waits for the device on CUDA (``.item()``,
+``nonzero``, boolean indexing, ``.tolist()``...). ``profiling.count_ops`` counts them on any
+device; ``sync_policy.cuda_sync_policy`` makes the CPU take the choices the loss makes on
+CUDA (where it spends a little compute to avoid a read-back), so the CPU run counts what a
+CUDA run does. On CUDA, the runtime's own ``set_sync_debug_mode`` checks the same.
+"""
+
+import warnings
+
+import pytest
+import torch
+from helpers import (
+    assert_grads_match,
+    assert_losses_match,
+    build,
+    loss_and_grads,
+    make_batch,
+    retina_cfg,
+    to_plugin,
+)
+
+from mmdet_anchorloss.profiling import count_ops
+from mmdet_anchorloss.sync_policy import cuda_sync_policy
+
+SYNC_BUDGET = 2
+
+
+def _step(head, batch):
+    cls, reg, gts, metas, ignore = batch
+    cls = [c.detach().clone().requires_grad_() for c in cls]
+    reg = [r.detach().clone().requires_grad_() for r in reg]
+    with count_ops() as counter:
+        losses = head.loss_by_feat(cls, reg, gts, metas, ignore)
+        sum(sum(v) for v in losses.values()).backward()
+    return counter.result()
+
+
+@pytest.mark.parametrize('num_gts', [(0, 0), (3,), (2, 7, 0, 40)], ids=['empty', 'B1', 'B4'])
+@pytest.mark.parametrize('chunk', [1 << 20, 512], ids=['one_chunk', 'many_chunks'])
+def test_retina_step_syncs_within_budget(num_gts, chunk):
+    cfg = to_plugin(retina_cfg(num_classes=8))
+    cfg['train_cfg']['assigner']['max_chunk_elems'] = chunk
+    head = build(cfg)
+    batch = make_batch(
+        head, 0, num_gts, [(100, 120), (64, 90), (128, 128), (96, 96)][: len(num_gts)]
+    )
+    with cuda_sync_policy():
+        got = _step(head, batch)
+    assert got.syncs <= SYNC_BUDGET, dict(got.sync_sites)
+    assert got.ops > 0 and got.launches > 0  # the counter saw the step
+
+
+def test_cpu_choices_count_their_syncs():
+    """The counter is not blind: the CPU's own choices read back more (tie pairs, the
+    incoming gradient), and say where."""
+    cfg = to_plugin(retina_cfg(num_classes=8))
+    cfg['train_cfg']['assigner']['max_chunk_elems'] = 512
+    head = build(cfg)
+    batch = make_batch(head, 0, (2, 7), [(100, 120), (64, 90)])
+    got = _step(head, batch)
+    assert got.syncs > SYNC_BUDGET
+    assert any('sigmoid_kernels' in site for site in got.sync_sites), got.sync_sites
+
+
+def test_cuda_choices_keep_the_numbers():
+    cfg = retina_cfg(num_classes=8)
+    upstream = build(cfg)
+    plugin_cfg = to_plugin(cfg)
+    plugin_cfg['train_cfg']['assigner']['max_chunk_elems'] = 512  # ties across chunks
+    plugin = build(plugin_cfg)
+    batch = make_batch(upstream, 3, (4, 2), [(100, 120), (64, 90)], duplicate=True)
+    ref, ref_g = loss_and_grads(upstream, *batch)
+    with cuda_sync_policy():
+        got, got_g = loss_and_grads(plugin, *batch)
+    assert_losses_match(ref, got)
+    assert_grads_match(ref_g, got_g)
+
+
+@pytest.mark.gpu
+def test_cuda_step_syncs_by_the_runtime():
+    """On a GPU: the CUDA runtime's own sync check agrees with the budget."""
+    head = build(to_plugin(retina_cfg(num_classes=8))).cuda()
+    batch = make_batch(head, 0, (2, 7, 0, 40), [(100, 120)] * 4, device='cuda')
+    _step(head, batch)  # warm-up: compilation, caches
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            got = _step(head, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    syncs = [w for w in caught if 'synchroniz' in str(w.message)]
+    assert got.syncs <= SYNC_BUDGET, dict(got.sync_sites)
+    assert len(syncs) <= SYNC_BUDGET, [str(w.message) for w in syncs]
