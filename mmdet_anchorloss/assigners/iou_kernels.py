@@ -123,8 +123,12 @@ _KERNELS = {
 
 
 def planes(boxes: Tensor) -> Tuple[Tensor, ...]:
-    """(..., 4) boxes -> four contiguous coordinate planes."""
-    return tuple(c.contiguous() for c in boxes.unbind(-1))
+    """(..., 4) boxes -> four contiguous coordinate planes.
+
+    A copy with standard strides even for one box: ``contiguous()`` would keep the view's
+    stride 4 there, and the compiled kernels guard on strides (one more recompile).
+    """
+    return tuple(c.clone(memory_format=torch.contiguous_format) for c in boxes.unbind(-1))
 
 
 def overlap_max(

@@ -174,21 +174,29 @@ def test_assign_batch_no_gt_column(device):
     assert res.num_gts.tolist() == [0]
 
 
-COMPILED_CASES = [
+COMPILED_CASES = [  # (anchors, gts, ignore): shapes the compiled kernels specialise on
     ('zero', 'one', 'one'),
-    ('zero', 'zero', 'none'),
     ('one', 'one', 'one'),
+    ('three', 'point_and_box', 'one'),
+]
+COMPILED_CASES_MORE = [
+    ('zero', 'zero', 'none'),
     ('one', 'zero', 'one'),
     ('three', 'zero_area', 'none'),
-    ('three', 'point_and_box', 'one'),
+    ('three', 'whole_image', 'empty'),
 ]
 
 
-def test_compiled_kernels_on_degenerate_shapes(monkeypatch):
+@pytest.mark.parametrize(
+    'cases',
+    [COMPILED_CASES, pytest.param(COMPILED_CASES_MORE, marks=pytest.mark.slow)],
+    ids=['main', 'more'],
+)
+def test_compiled_kernels_on_degenerate_shapes(cases, monkeypatch):
     """The compiled path (used in training) on zero / one anchor and gt (CPU inductor)."""
     for kernel in (*iou_kernels._KERNELS.values(), iou_kernels._FINALIZE):
         monkeypatch.setattr(kernel, 'mode', '1')
-    for anchors, gts, ignore in COMPILED_CASES:
+    for anchors, gts, ignore in cases:
         pred, gt, ign = _instances(ANCHORS[anchors], GTS[gts], IGNORE[ignore], 'cpu')
         for cfg in ('retina', 'ssd_first_best'):
             ref = MaxIoUAssigner(**ASSIGNERS[cfg]).assign(pred, gt, ign)
