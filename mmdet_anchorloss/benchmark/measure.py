@@ -12,11 +12,12 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from ..profiling import count_ops
+from ..sync_policy import cuda_sync_policy
 from .cases import CASES, Case, Inputs, autocast, build_head, make_inputs
 
 PHASES = ('assign', 'fwd', 'bwd', 'fwd_bwd')
@@ -232,13 +233,16 @@ def compiled_graphs() -> int:
 def count_step(bench: Bench) -> dict:
     """Dispatched aten ops, launches and CUDA host syncs of one fwd+bwd (``count_ops``).
 
-    Counted on the second of two steps run under the counter, so that a recompilation the
-    counting modes may cause is not counted.
+    The step takes CUDA's choices of where to read back (``cuda_sync_policy``) on either
+    device, so that a CPU run counts what a CUDA step makes. Counted on the second of two
+    steps run under the counter, so that a recompilation the counting modes may cause is
+    not counted.
     """
-    for _ in range(2):
-        graphs = compiled_graphs()
-        with count_ops() as counter:
-            bench.step()
+    with cuda_sync_policy():
+        for _ in range(2):
+            graphs = compiled_graphs()
+            with count_ops() as counter:
+                bench.step()
     counts = counter.result()
     return dict(
         ops=counts.ops,
@@ -247,6 +251,7 @@ def count_step(bench: Bench) -> dict:
         sync_ops=dict(counts.sync_ops),
         top_ops=dict(counts.by_op.most_common(TOP_OPS)),
         graphs_compiled=compiled_graphs() - graphs,
+        sync_policy='cuda',
     )
 
 
@@ -258,23 +263,21 @@ def _device_time_us(event) -> float:
     return 0.0
 
 
-def cuda_kernel_profile(bench: Bench) -> dict:
-    """One fwd+bwd under ``torch.profiler`` on CUDA: kernels, launches, stream syncs, and the
-    classification loss's own kernel time (kernels matched by ``CLS_KERNEL_PATTERN``)."""
-    from torch.profiler import ProfilerActivity, profile
+def kernel_summary(events: Iterable) -> dict:
+    """Kernels, launch calls, syncs and the classification loss's kernel time of one step.
 
-    bench.step()  # allocator and autotuning settle before the profiled step
-    synchronize(bench.device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        bench.step()
-        synchronize(bench.device)
+    Args:
+        events (Iterable): ``torch.profiler``'s averaged events (``key_averages()``): the
+            device's kernels (``device_type`` CUDA, one row per kernel name) and the host's
+            ops and CUDA runtime / driver calls.
+    """
     kernels, calls = {}, {}
-    for e in prof.key_averages():
+    for e in events:
         if str(e.device_type).endswith('CUDA'):
             if not e.key.startswith(('Memcpy', 'Memset')):
                 kernels[e.key] = (e.count, _device_time_us(e) / 1e3)
         else:
-            calls[e.key] = e.count
+            calls[e.key] = calls.get(e.key, 0) + e.count
     matched = {k: v for k, v in kernels.items() if CLS_KERNEL_PATTERN.search(k)}
     top = sorted(matched.items(), key=lambda kv: -kv[1][1])[:PROFILE_ROWS]
     return dict(
@@ -287,6 +290,18 @@ def cuda_kernel_profile(bench: Bench) -> dict:
         cls_kernel_pattern=CLS_KERNEL_PATTERN.pattern,
         cls_kernels=[dict(name=k[:120], calls=n, ms=ms) for k, (n, ms) in top],
     )
+
+
+def cuda_kernel_profile(bench: Bench) -> dict:
+    """One fwd+bwd under ``torch.profiler`` on CUDA: ``kernel_summary`` of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bench.step()  # allocator and autotuning settle before the profiled step
+    synchronize(bench.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bench.step()
+        synchronize(bench.device)
+    return kernel_summary(prof.key_averages())
 
 
 def profile_step(bench: Bench) -> dict:

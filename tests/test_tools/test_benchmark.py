@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -125,6 +126,39 @@ def test_cls_kernel_pattern():
     ]
     assert all(measure.CLS_KERNEL_PATTERN.search(name) for name in loss_kernels)
     assert not any(measure.CLS_KERNEL_PATTERN.search(name) for name in others)
+
+
+def test_kernel_summary():
+    """The CUDA profile's figures from profiler rows (made up here: no GPU in the suite)."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def row(key, device_type, count, self_us=0):
+        return SimpleNamespace(
+            key=key, device_type=device_type, count=count, self_device_time_total=self_us
+        )
+
+    rows = [
+        row('void sigmoid_focal_loss_forward_cuda_kernel<float>(...)', cuda, 5, 2000),
+        row('triton_red_fused_sigmoid_sum_0', cuda, 5, 1000),
+        row('void at::native::reduce_kernel<512, 1>(...)', cuda, 40, 500),
+        row('Memcpy DtoH (Device -> Pinned)', cuda, 14, 30),
+        row('cudaLaunchKernel', cpu, 45),
+        row('cuLaunchKernel', cpu, 5),
+        row('cudaStreamSynchronize', cpu, 14),
+        row('cudaDeviceSynchronize', cpu, 1),
+        row('aten::sigmoid', cpu, 5, 3000),
+    ]
+    summary = measure.kernel_summary(rows)
+    assert summary['kernels'] == 50 and summary['launch_calls'] == 50
+    assert summary['stream_syncs'] == 14 and summary['device_syncs'] == 1
+    assert summary['cls_kernel_ms'] == pytest.approx(3.0)
+    assert summary['kernel_ms'] == pytest.approx(3.5)
+    assert [k['calls'] for k in summary['cls_kernels']] == [5, 5]  # largest time first
+    assert summary['cls_kernels'][0]['name'].startswith('void sigmoid_focal_loss_forward')
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.sigmoid(torch.randn(8)).sum()
+    real = measure.kernel_summary(prof.key_averages())  # real rows: the same fields read
+    assert (real['kernels'], real['stream_syncs'], real['cls_kernel_ms']) == (0, 0, 0)
 
 
 def _record(side: str, launches: int, cuda: bool) -> dict:
