@@ -351,10 +351,18 @@ SCENES = {
     'one_anchor_gt_equal': dict(num_gts=(1,), shapes=[(32, 32)], cfg='one_anchor', gts='anchor'),
     'zero_anchors': dict(num_gts=(1, 0), zero_anchors=True),
     'zero_anchors_no_gt': dict(num_gts=(0,), shapes=[(64, 96)], zero_anchors=True),
+    # allowed_border=0: no anchor of the 8 x 8 image lies inside it, the other image's do
+    'no_inside_anchor_in_one_image': dict(
+        num_gts=(1, 1), shapes=[(64, 96), (8, 8)], cfg='border_0'
+    ),
 }
-# where upstream itself raises (the twin must raise the same type): no anchor at all is
-# "no valid anchor inside the image" in AnchorHead._get_targets_single
-UPSTREAM_RAISES = {'zero_anchors': ValueError, 'zero_anchors_no_gt': ValueError}
+# where upstream itself raises (the twin must raise the same type): an image without any
+# anchor to assign is "no valid anchor inside the image" in AnchorHead._get_targets_single
+UPSTREAM_RAISES = {
+    'zero_anchors': ValueError,
+    'zero_anchors_no_gt': ValueError,
+    'no_inside_anchor_in_one_image': ValueError,
+}
 
 
 def _replace_gts(head, kind: Optional[str], gts, metas, featmap_sizes, device):
@@ -387,6 +395,8 @@ def test_head_loss_matches_upstream(head, scene, device):
         cfg = merge(cfg, IGNORE_CFG)
     elif spec.get('cfg') == 'one_anchor':
         cfg = merge(cfg, ONE_ANCHOR[head])
+    elif spec.get('cfg') == 'border_0':
+        cfg = merge(cfg, dict(train_cfg=dict(allowed_border=0)))
     upstream = build(cfg).to(device)
     plugin = build(to_plugin(cfg)).to(device)
     shapes = spec.get('shapes', [(64, 96), (40, 50)][: len(spec['num_gts'])])
