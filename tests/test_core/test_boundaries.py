@@ -355,3 +355,27 @@ def test_backward_of_weighted_and_scaled_sums(name, weights, scale):
     expected = scale * (weight_of('loss_cls', 0) if name != 'ssd_softmax' else 1.0)
     if name != 'ssd_softmax':  # SSD's loss_cls is per image, not per level
         assert float(cls_ratio) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize('min_pos_iou', [0.2, 0.45, 0.6])
+@pytest.mark.parametrize('seed', [0, 3])
+def test_tie_gather_path_with_ineligible_gts(min_pos_iou, seed, monkeypatch):
+    """Few (chunk, gt) pairs hold a gt's best IoU: the ties are recomputed on those pairs
+    only (``chunk_ties``); gts whose best IoU is under min_pos_iou must claim nothing."""
+    from mmdet_anchorloss.assigners import batch_max_iou_assigner as bmia
+
+    calls = []
+    real = bmia.chunk_ties
+    monkeypatch.setattr(bmia, 'chunk_ties', lambda *a: calls.append(1) or real(*a))
+    anchors, gts = _grid_case(seed, B=3)
+    padded = pad_instances(gts, 'cpu')
+    B, G = padded.mask.shape
+    kw = dict(pos_iou_thr=0.8, neg_iou_thr=0.3, min_pos_iou=min_pos_iou)
+    assigner = BatchMaxIoUAssigner(max_chunk_elems=B * G * 2, **kw)
+    res = assigner.assign_batch(anchors, torch.ones(B, len(anchors), dtype=torch.bool), padded)
+    assert calls, 'the gather path was not taken'
+    best = [bbox_overlaps(g.bboxes, anchors).amax(dim=1) for g in gts]
+    assert any(bool((b < min_pos_iou).any()) for b in best) or min_pos_iou == 0.2
+    for i, gt in enumerate(gts):
+        ref = MaxIoUAssigner(**kw).assign(InstanceData(priors=anchors), gt)
+        assert res.gt_inds[i].tolist() == ref.gt_inds.tolist(), f'image {i}'

@@ -150,3 +150,17 @@ def test_focal_reduction_from_the_constructor():
         ref = _call(FocalLoss(reduction=reduction), pred, labels, weight)
         got = _call(FusedFocalLoss(reduction=reduction), pred, labels, weight)
         _assert_same(ref, got)
+
+
+@pytest.mark.parametrize('avg_factor', [1.0, 3.0, torch.tensor(1.0), torch.tensor(7.0)])
+def test_normalise_is_upstreams_mean_reduction_bitwise(avg_factor):
+    """``sum / (avg_factor + eps)`` exactly as mmdet's ``weight_reduce_loss`` computes it."""
+    from mmdet.models.losses.utils import weight_reduce_loss
+
+    from mmdet_anchorloss.losses.level_reduce import normalise
+
+    loss = torch.rand(50, generator=torch.Generator().manual_seed(0)) + 0.5
+    ref = weight_reduce_loss(loss, reduction='mean', avg_factor=avg_factor)
+    assert torch.equal(normalise(loss.sum(), avg_factor), ref)
+    assert normalise(loss.sum(), None) is not None
+    torch.testing.assert_close(normalise(loss.sum(), None), loss.sum(), rtol=0, atol=0)
