@@ -10,6 +10,9 @@ import mmcv
 import mmdet
 import torch
 
+from ..engine.compare_report import fmt
+from ..engine.compare_report import markdown_table as markdown
+from ..engine.compare_stats import relative_difference
 from .cases import SIDES, Case, case_geometry
 from .measure import PHASES
 
@@ -24,13 +27,6 @@ class LossCheck(NamedTuple):
     max_rel_diff: float
     worst: str  # 'key[entry]' of the largest relative difference
     grad_norm_max_rel_diff: Optional[float]
-
-
-def relative_difference(got: float, ref: float) -> float:
-    """``|got - ref| / |ref|``; 0 when both are 0."""
-    if got == ref:
-        return 0.0
-    return abs(got - ref) / max(abs(ref), 1e-12)
 
 
 def compare_losses(
@@ -92,18 +88,6 @@ def summarise_case(case: Case, quick: bool, records: Dict[str, dict], load: tupl
     return summary
 
 
-def fmt(value, spec: str = '.3f') -> str:
-    """A number for the tables; '-' for None."""
-    return '-' if value is None else format(value, spec)
-
-
-def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table, first column left-aligned, the others right-aligned."""
-    lines = ['| ' + ' | '.join(header) + ' |', '|---' + '|---:' * (len(header) - 1) + '|']
-    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
-    return '\n'.join(lines)
-
-
 def error_text(summary: dict) -> str:
     """Why a case has no comparison: each failed side's error, fit for a table cell."""
     errors = [f'{side}: {summary[side]["error"]}' for side in SIDES if 'error' in summary[side]]
@@ -125,8 +109,8 @@ def timing_table(summaries: Sequence[dict]) -> str:
                 [
                     s['case'],
                     phase.replace('_', '+'),
-                    fmt(up['median'][phase]),
-                    fmt(pl['median'][phase]),
+                    fmt(up['median'][phase], '.3f'),
+                    fmt(pl['median'][phase], '.3f'),
                     fmt(s['speedup'][phase], '.1f') + 'x',
                     fmt(up['first_call'][phase], '.2f'),
                     fmt(pl['first_call'][phase], '.2f'),
