@@ -9,8 +9,17 @@ installed mmdet and with the number worked out by hand.
 
 import pytest
 import torch
-from helpers import assert_grads_match, build, make_batch, retina_cfg, rpn_cfg, ssd_cfg, to_plugin
-from mmdet.models.task_modules.assigners import AssignResult, MaxIoUAssigner
+from helpers import (
+    assert_grads_match,
+    build,
+    make_batch,
+    retina_cfg,
+    rpn_cfg,
+    ssd_cfg,
+    to_plugin,
+    upstream_assign_stats,
+)
+from mmdet.models.task_modules.assigners import AssignResult, BboxOverlaps2D, MaxIoUAssigner
 from mmdet.models.task_modules.samplers import RandomSampler
 from mmdet.structures.bbox import bbox_overlaps
 from mmengine.structures import InstanceData
@@ -224,6 +233,7 @@ SAMPLER_CASES = {
     'below_above_equal_ub_1': ([(2, 40), (20, 5), (8, 9)], 1.0),
     'equal_above_none_no_ub': ([(8, 20), (10, 20), (0, 20)], -1),
     'above_no_negatives_ub_2': ([(9, 0), (8, 3), (1, 40)], 2.0),
+    'ub_exactly_0_no_negative_drawn': ([(12, 30), (8, 30), (3, 30)], 0.0),
 }
 
 
@@ -379,3 +389,137 @@ def test_tie_gather_path_with_ineligible_gts(min_pos_iou, seed, monkeypatch):
     for i, gt in enumerate(gts):
         ref = MaxIoUAssigner(**kw).assign(InstanceData(priors=anchors), gt)
         assert res.gt_inds[i].tolist() == ref.gt_inds.tolist(), f'image {i}'
+
+
+@pytest.mark.parametrize('thr', [-1, 0.0])
+def test_ignore_boxes_are_unused_unless_ignore_iof_thr_is_positive(thr):
+    # upstream applies ignore boxes only when ignore_iof_thr > 0: at -1 (off) and at exactly
+    # 0 an anchor inside an ignore box (IoF 1) stays negative
+    gts = boxes([100, 100, 140, 140])
+    anchors = boxes([0, 0, 10, 10], [2, 2, 8, 8], [100, 100, 140, 140])
+    ignore = boxes([0, 0, 10, 10])
+    assert bbox_overlaps(anchors[:2], ignore, mode='iof').min() == 1
+    kw = dict(pos_iou_thr=0.5, neg_iou_thr=0.4, ignore_iof_thr=thr)
+    ref, got = both(kw, anchors, gts, ignore=ignore)
+    assert ref == got == [0, 0, 1]
+    padded = pad_instances([InstanceData(bboxes=gts, labels=torch.tensor([0]))] * 2, 'cpu')
+    ign = pad_instances([InstanceData(bboxes=ignore), InstanceData(bboxes=ignore)], 'cpu', False)
+    res = BatchMaxIoUAssigner(**kw).assign_batch(
+        anchors, torch.ones(2, 3, dtype=torch.bool), padded, ign
+    )
+    assert res.gt_inds.tolist() == [[0, 0, 1], [0, 0, 1]]
+
+
+class _GenericIoU(BboxOverlaps2D):
+    """Not the default calculator: the assigner takes its unfused path."""
+
+
+def _ignore_boxes(seed, B):
+    gen = torch.Generator().manual_seed(100 + seed)
+    out = []
+    for _ in range(B):
+        xy = torch.randint(0, 6, (2, 2), generator=gen).float() * 4
+        out.append(InstanceData(bboxes=torch.cat([xy, xy + 8], dim=1)))
+    return out
+
+
+@pytest.mark.parametrize('generic', [False, True])
+@pytest.mark.parametrize('wrt_candidates', [True, False])
+@pytest.mark.parametrize('seed', [0, 1])
+def test_small_chunks_with_ignore_boxes(generic, wrt_candidates, seed):
+    """Ignore boxes and ties in anchor chunks of 2, fused and unfused IoU, against upstream."""
+    anchors, gts = _grid_case(seed, B=3)
+    ignore = _ignore_boxes(seed, 3)
+    kw = dict(
+        pos_iou_thr=0.7,
+        neg_iou_thr=0.3,
+        min_pos_iou=0.1,
+        ignore_iof_thr=0.5,
+        ignore_wrt_candidates=wrt_candidates,
+    )
+    assigner = BatchMaxIoUAssigner(max_chunk_elems=2 * 3 * 5, **kw)
+    if generic:
+        assigner.iou_calculator = _GenericIoU()
+    res = assigner.assign_batch(
+        anchors,
+        torch.ones(3, len(anchors), dtype=torch.bool),
+        pad_instances(gts, 'cpu'),
+        pad_instances(ignore, 'cpu', with_labels=False),
+    )
+    ignored = 0
+    for i, (gt, ign) in enumerate(zip(gts, ignore)):
+        ref = MaxIoUAssigner(**kw).assign(InstanceData(priors=anchors), gt, ign)
+        assert res.gt_inds[i].tolist() == ref.gt_inds.tolist(), f'image {i}'
+        assert torch.equal(res.max_overlaps[i], ref.max_overlaps)
+        assert torch.equal(res.labels[i], ref.labels)
+        ignored += int((ref.max_overlaps == -1).sum())
+    assert ignored > 0  # the ignore boxes decide some anchors
+
+
+def test_union_below_eps_like_upstream():
+    # boxes of 1e-4 x 1e-3 px: the union (1e-7) is clamped to bbox_overlaps' eps (1e-6)
+    gts = boxes([0, 0, 1e-4, 1e-3], [5, 5, 6, 6])
+    anchors = boxes([0, 0, 1e-4, 1e-3], [5, 5, 6, 6], [20, 20, 30, 30])
+    iou = bbox_overlaps(gts, anchors)
+    assert 0 < iou[0, 0] < 0.5  # IoU of identical boxes below 1: the clamp is active
+    ref, got = both(dict(pos_iou_thr=0.5, neg_iou_thr=0.05, min_pos_iou=0.5), anchors, gts)
+    assert ref == got == [-1, 2, 0]
+
+
+def test_per_image_fallback_equals_the_batched_assigner():
+    """targets.assign_batch with upstream's MaxIoUAssigner (image by image) gives the same
+    BatchAssignResult as BatchMaxIoUAssigner, outside anchors included."""
+    from mmdet_anchorloss.anchors import BatchAnchors
+    from mmdet_anchorloss.targets import assign_batch
+
+    anchors, gts = _grid_case(2, B=2)
+    inside = torch.ones(2, len(anchors), dtype=torch.bool)
+    inside[0, ::3] = False
+    inside[1, 1::4] = False
+    batch = BatchAnchors(anchors, inside, [len(anchors)], torch.zeros(len(anchors)).long())
+    padded = pad_instances(gts, 'cpu')
+    kw = dict(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.1)
+    per_image = assign_batch(MaxIoUAssigner(**kw), batch, padded, None, gts, None)
+    batched = assign_batch(BatchMaxIoUAssigner(**kw), batch, padded, None, gts, None)
+    for name in ('gt_inds', 'max_overlaps', 'labels', 'num_gts'):
+        assert torch.equal(getattr(per_image, name), getattr(batched, name)), name
+    assert (batched.gt_inds == -1).sum() >= (~inside).sum() and (batched.gt_inds > 0).any()
+
+
+class _FirstPositivesSampler(RandomSampler):
+    """A RandomSampler subclass that keeps the first positives: not the batched draw."""
+
+    def _sample_pos(self, assign_result, num_expected, **kwargs):
+        pos = torch.nonzero(assign_result.gt_inds > 0, as_tuple=False).squeeze(1)
+        return pos[:num_expected]
+
+
+def test_other_samplers_run_upstreams_own_sample():
+    from mmdet.registry import TASK_UTILS
+
+    TASK_UTILS.register_module(module=_FirstPositivesSampler, force=True)
+    cfg = rpn_cfg(
+        train_cfg=dict(sampler=dict(type='_FirstPositivesSampler', num=16, neg_pos_ub=1.0))
+    )
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    plugin.load_state_dict(upstream.state_dict())
+    batch = make_batch(upstream, 1, (8, 3, 1), [(128, 128), (96, 128), (128, 96)])
+    assert max(_upstream_positive_counts(upstream, batch)) > 8  # positives are subsampled
+    ref = _weighted_loss_and_grads(upstream, batch, lambda k, i: 1.0, seed=2)
+    got = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0, seed=2)
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert_grads_match(ref[1], got[1])
+
+
+@pytest.mark.parametrize('pos_weight', [0.0, 0.5, 1.0])
+def test_pos_weight_at_and_around_its_boundaries(pos_weight):
+    # upstream: pos_weight <= 0 means weight 1 for positives, else pos_weight itself
+    cfg = retina_cfg(train_cfg=dict(pos_weight=pos_weight))
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    plugin.load_state_dict(upstream.state_dict())
+    batch = make_batch(upstream, 0, (3, 2), [(100, 120), (64, 90)])
+    assert sum(s['pos'] for s in upstream_assign_stats(upstream, *batch)) > 0
+    ref = _weighted_loss_and_grads(upstream, batch, lambda k, i: 1.0)
+    got = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0)
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert_grads_match(ref[1], got[1])
