@@ -51,8 +51,9 @@ pip_install() {
   "$PY" -m pip install --disable-pip-version-check "${SRC[@]}" "$@" 2>&1 | tee "$log" || rc=$?
   if [ "$rc" -ne 0 ]; then
     local missing
+    # torch is never in a wheelhouse: its own message follows
     missing=$(grep -oE 'satisf(y|ies) the requirement [^ ]+' "$log" | awk '{print $NF}' |
-      sort -u | tr '\n' ' ' || true)
+      grep -v '^torch\b' | sort -u | tr '\n' ' ' || true)
     if [ -n "$missing" ]; then
       if [ -n "$WHEELHOUSE" ]; then
         echo "[install] ERROR: the wheelhouse $WHEELHOUSE has no usable file for: ${missing}" \

@@ -229,7 +229,7 @@ def download(
         ).stdout.strip()
     manifest = dict(
         python_version=python_version,
-        platforms=list(platforms) or ['(the downloading machine)'],
+        platforms=list(platforms) or ['this machine'],
         excluded=list(EXCLUDED),
         created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
         files=files,
@@ -238,7 +238,7 @@ def download(
     size_mb = sum(entry.stat().st_size for entry in out.iterdir()) / 2**20
     print(
         f'[wheelhouse] {out}: {len(files)} files, {size_mb:.0f} MiB, for Python {python_version} '
-        f'({", ".join(manifest["platforms"])}), in {time.perf_counter() - start:.0f} s. '
+        f'(platform: {", ".join(manifest["platforms"])}), in {time.perf_counter() - start:.0f} s. '
         f'Install offline with: make install WHEELHOUSE={out}'
     )
     return manifest
