@@ -1,55 +1,26 @@
 """mmdet_anchorloss: a batched, fused anchor-head loss for mmdetection 3.x.
 
-Importing the package registers every class into mmdet's registries:
-MODELS ``AnchorLossHead``, ``AnchorLossRetinaHead``, ``AnchorLossRPNHead``,
-``AnchorLossSSDHead``, ``FusedFocalLoss``, ``FusedCrossEntropyLoss``; TASK_UTILS
-``BatchMaxIoUAssigner``, ``BatchDeltaXYWHBBoxCoder``. In a config:
+Importing the package registers every class into mmdet's registries (``registry.py`` keeps
+the one list: ``PLUGIN_TWINS`` maps each upstream type to its plugin twin, ``REGISTERED``
+lists the names per registry). In a config:
 ``custom_imports = dict(imports=['mmdet_anchorloss'], allow_failed_imports=False)``.
+
+Importing changes one thing in mmengine, on purpose: it calls
+``engine.checkpoint.register_safe_checkpoint_globals()``, so that ``--resume`` works under
+torch >= 2.6 (``weights_only`` loading) for any config that imports the plugin, with mmdet's
+own ``tools/train.py`` too, without opening ``torch.load`` to arbitrary pickles (see
+``engine/checkpoint.py`` and the README). Nothing else is patched at import; the tools
+call ``heads.patch_ssd_predict()`` themselves (``engine.runner.prepare_process``).
 """
 
-from . import datasets  # noqa: F401  (CheckedCocoDataset)
-from .assigners import BatchMaxIoUAssigner
-from .coders import BatchDeltaXYWHBBoxCoder
+from . import assigners, coders, datasets, heads, losses  # noqa: F401  (registration)
 from .engine.checkpoint import register_safe_checkpoint_globals
-from .heads import AnchorLossHead, AnchorLossRetinaHead, AnchorLossRPNHead, AnchorLossSSDHead
-from .losses import FusedCrossEntropyLoss, FusedFocalLoss
+from .registry import CLASSES, PLUGIN_TWINS, REGISTERED
 
 __version__ = '0.1.0'
 
-register_safe_checkpoint_globals()  # torch>=2.6 weights_only resume, see engine/checkpoint.py
+register_safe_checkpoint_globals()  # see the module docstring
 
-# The switch a user makes in a config: upstream type -> plugin twin (same arguments).
-PLUGIN_TWINS = {
-    'AnchorHead': 'AnchorLossHead',
-    'RetinaHead': 'AnchorLossRetinaHead',
-    'RPNHead': 'AnchorLossRPNHead',
-    'SSDHead': 'AnchorLossSSDHead',
-    'FocalLoss': 'FusedFocalLoss',
-    'CrossEntropyLoss': 'FusedCrossEntropyLoss',
-    'MaxIoUAssigner': 'BatchMaxIoUAssigner',
-    'DeltaXYWHBBoxCoder': 'BatchDeltaXYWHBBoxCoder',
-}
+globals().update(CLASSES)  # the registered classes, importable from the package
 
-REGISTERED = {
-    'MODELS': [
-        'AnchorLossHead',
-        'AnchorLossRetinaHead',
-        'AnchorLossRPNHead',
-        'AnchorLossSSDHead',
-        'FusedFocalLoss',
-        'FusedCrossEntropyLoss',
-    ],
-    'TASK_UTILS': ['BatchMaxIoUAssigner', 'BatchDeltaXYWHBBoxCoder'],
-}
-
-__all__ = [
-    'AnchorLossHead',
-    'AnchorLossRetinaHead',
-    'AnchorLossRPNHead',
-    'AnchorLossSSDHead',
-    'BatchDeltaXYWHBBoxCoder',
-    'BatchMaxIoUAssigner',
-    'FusedCrossEntropyLoss',
-    'FusedFocalLoss',
-    'REGISTERED',
-]
+__all__ = sorted(CLASSES) + ['PLUGIN_TWINS', 'REGISTERED']

@@ -146,10 +146,28 @@ def build_targets(
     if head.reg_decoded_bbox:
         pos_targets = pos_gt
     else:
-        pos_targets = get_box_tensor(head.bbox_coder.encode(anchors.anchors[pos_n], pos_gt))
+        pos_targets = encode_boxes(head.bbox_coder, anchors.anchors[pos_n], pos_gt)
     return SampledTargets(
         labels, label_weights, pos, neg, pos_b, pos_n, pos_gt, pos_targets, avg_factor, assign
     )
+
+
+def encode_boxes(coder, anchors: Tensor, gts: Tensor) -> Tensor:
+    """(P, box_dim) regression targets of (P, 4) gts w.r.t. (P, 4) anchors: the coder's
+    batch API (``encode_batch``) when it has one, upstream's ``encode`` otherwise."""
+    encode = getattr(coder, 'encode_batch', None)
+    if encode is not None:
+        return encode(anchors, gts)
+    return get_box_tensor(coder.encode(anchors, gts))
+
+
+def decode_boxes(coder, anchors: Tensor, deltas: Tensor) -> Tensor:
+    """(P, 4) boxes from (P, box_dim) deltas: ``decode_batch`` when the coder has one,
+    upstream's ``decode`` otherwise (no ``max_shape``, as AnchorHead's loss)."""
+    decode = getattr(coder, 'decode_batch', None)
+    if decode is not None:
+        return decode(anchors, deltas)
+    return get_box_tensor(coder.decode(anchors, deltas))
 
 
 def positions(mask: Tensor, count: Optional[int] = None) -> Tuple[Tensor, Tensor]:
@@ -160,8 +178,8 @@ def positions(mask: Tensor, count: Optional[int] = None) -> Tuple[Tensor, Tensor
     """
     if count is None or not hasattr(torch, 'nonzero_static'):
         return mask.nonzero(as_tuple=True)
-    found = torch.nonzero_static(mask, size=count)
-    return found[:, 0], found[:, 1]
+    rows, cols = torch.nonzero_static(mask, size=count).t().contiguous()
+    return rows, cols
 
 
 def levels_to_rows(maps: List[Tensor], channels: int) -> Tensor:

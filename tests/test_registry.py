@@ -1,18 +1,48 @@
-"""Importing the package registers every plugin name; mmcv's compiled ops load."""
+"""Importing the package registers every plugin name, from the one list in registry.py;
+mmcv's compiled ops load."""
+
+import re
+from pathlib import Path
 
 import torch
-from mmdet.registry import MODELS, TASK_UTILS
+from mmdet.registry import DATASETS, MODELS, TASK_UTILS
+from mmdet.utils import register_all_modules
 
 import mmdet_anchorloss
 
+REGISTRIES = {'MODELS': MODELS, 'TASK_UTILS': TASK_UTILS, 'DATASETS': DATASETS}
+README = Path(__file__).resolve().parents[1] / 'README.md'
+
 
 def test_import_registers_every_name():
-    registries = {'MODELS': MODELS, 'TASK_UTILS': TASK_UTILS}
+    register_all_modules()
     names = [(r, n) for r, ns in mmdet_anchorloss.REGISTERED.items() for n in ns]
-    assert len(names) == 8
+    assert {n for _, n in names} == set(mmdet_anchorloss.PLUGIN_TWINS.values())
     for registry, name in names:
-        cls = registries[registry].get(name)
+        cls = REGISTRIES[registry].get(name)
         assert cls is not None and cls.__module__.startswith('mmdet_anchorloss'), name
+        assert getattr(mmdet_anchorloss, name) is cls and name in mmdet_anchorloss.__all__
+
+
+def test_every_twin_subclasses_its_upstream_type():
+    register_all_modules()
+    for registry, names in mmdet_anchorloss.REGISTERED.items():
+        for name in names:
+            upstream = next(u for u, p in mmdet_anchorloss.PLUGIN_TWINS.items() if p == name)
+            up_cls = REGISTRIES[registry].get(upstream)
+            assert up_cls is not None, upstream
+            assert issubclass(REGISTRIES[registry].get(name), up_cls), (name, upstream)
+
+
+def test_readme_table_lists_exactly_the_registered_twins():
+    rows = re.findall(r'^\| (\w+) \| `(\w+)` \| `(\w+)` \|', README.read_text(), re.M)
+    table = {(reg, plugin, upstream) for reg, plugin, upstream in rows}
+    registered = {
+        (reg, plugin, next(u for u, p in mmdet_anchorloss.PLUGIN_TWINS.items() if p == plugin))
+        for reg, plugins in mmdet_anchorloss.REGISTERED.items()
+        for plugin in plugins
+    }
+    assert table == registered
 
 
 def test_mmcv_compiled_ops_run():

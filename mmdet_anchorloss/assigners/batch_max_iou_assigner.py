@@ -4,11 +4,11 @@ from typing import Optional, Tuple
 
 import torch
 from mmdet.models.task_modules.assigners import AssignResult, BboxOverlaps2D, MaxIoUAssigner
-from mmdet.registry import TASK_UTILS
 from mmdet.structures.bbox import get_box_tensor
 from mmengine.structures import InstanceData
 from torch import Tensor
 
+from ..registry import register_twin
 from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
 from ..sync_policy import avoid_host_sync
 from .iou_kernels import chunk_ties, finalize_assignment, low_quality_ties, overlap_max
@@ -17,7 +17,7 @@ NEGATIVE = 0
 IGNORED = -1
 
 
-@TASK_UTILS.register_module()
+@register_twin('MaxIoUAssigner', 'TASK_UTILS')
 class BatchMaxIoUAssigner(MaxIoUAssigner):
     """Drop-in ``MaxIoUAssigner`` that also assigns a padded batch at once.
 

@@ -4,12 +4,13 @@ from typing import Optional, Sequence, Union
 
 from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
 from mmdet.models.task_modules.coders.delta_xywh_bbox_coder import bbox2delta, delta2bbox
-from mmdet.registry import TASK_UTILS
 from mmdet.structures.bbox import get_box_tensor
 from torch import Tensor
 
+from ..registry import register_twin
 
-@TASK_UTILS.register_module()
+
+@register_twin('DeltaXYWHBBoxCoder', 'TASK_UTILS')
 class BatchDeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder):
     """Drop-in ``DeltaXYWHBBoxCoder``; same constructor, same numbers.
 

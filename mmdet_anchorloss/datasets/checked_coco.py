@@ -28,8 +28,9 @@ import math
 from typing import List, NamedTuple, Optional, Union
 
 from mmdet.datasets import CocoDataset
-from mmdet.registry import DATASETS
 from mmengine.logging import print_log
+
+from ..registry import register_twin
 
 __all__ = ['CheckedCocoDataset', 'DroppedAnnotation']
 
@@ -54,7 +55,7 @@ class DroppedAnnotation(NamedTuple):
         )
 
 
-@DATASETS.register_module()
+@register_twin('CocoDataset', 'DATASETS')
 class CheckedCocoDataset(CocoDataset):
     """mmdet's ``CocoDataset`` that reports the annotations it drops (see module docstring).
 

@@ -121,16 +121,7 @@ def check_amp_available() -> None:
 
 
 def fix_ssd_head_predict() -> None:
-    """Let mmdet 3.3.0's ``SSDHead`` (and subclasses) predict.
+    """Let mmdet 3.3.0's ``SSDHead`` predict (see ``heads.patch_ssd_predict``)."""
+    from ..heads import patch_ssd_predict
 
-    ``BaseDenseHead._predict_by_feat_single`` reads ``self.loss_cls.custom_cls_channels``,
-    but ``SSDHead`` never creates ``loss_cls`` (its loss is built in), so evaluation fails
-    with ``AttributeError: 'SSDHead' object has no attribute 'loss_cls'`` (mmdetection
-    issues 11063, 11305, 11780; fix proposed in PR 11524). A class-level ``loss_cls = None``
-    makes that check read False, as it does for every other head; the loss, which never uses
-    ``loss_cls``, is unchanged. Does nothing where ``SSDHead`` already has the attribute.
-    """
-    from mmdet.models.dense_heads import SSDHead
-
-    if 'loss_cls' not in vars(SSDHead):
-        SSDHead.loss_cls = None
+    patch_ssd_predict()

@@ -1,15 +1,15 @@
-"""SSD head with the batched loss and batched hard negative mining."""
+"""SSD head with the batched loss: only the classification step differs (hard negatives)."""
+
+from typing import List, Tuple
 
 import torch
 from mmdet.models.dense_heads import SSDHead
-from mmdet.models.losses import smooth_l1_loss
-from mmdet.registry import MODELS
+from mmdet.models.losses import SmoothL1Loss
 from torch import Tensor
 
-from ..losses.level_reduce import EPS, rows_of, segment_sum
 from ..losses.softmax_levels import softmax_cross_entropy_rows
-from .anchor_loss_heads import _PluginHeadInit
-from .batched_loss import BatchedAnchorLossMixin
+from ..registry import register_twin
+from .batched_loss import BatchedAnchorLossMixin, LossInputs
 
 
 def hard_negative_sum(neg_loss: Tensor, neg: Tensor, num_neg: Tensor) -> Tensor:
@@ -28,8 +28,23 @@ def hard_negative_sum(neg_loss: Tensor, neg: Tensor, num_neg: Tensor) -> Tensor:
     return torch.where(keep, ranked, 0.0).sum(dim=1)
 
 
-@MODELS.register_module()
-class AnchorLossSSDHead(_PluginHeadInit, BatchedAnchorLossMixin, SSDHead):
+def patch_ssd_predict(cls: type = SSDHead) -> None:
+    """Let mmdet 3.3.0's ``SSDHead`` (and subclasses) predict.
+
+    ``BaseDenseHead._predict_by_feat_single`` reads ``self.loss_cls.custom_cls_channels``,
+    but ``SSDHead`` never creates ``loss_cls`` (its loss is built in), so evaluation fails
+    with ``AttributeError: 'SSDHead' object has no attribute 'loss_cls'`` (mmdetection
+    issues 11063, 11305, 11780; fix proposed in PR 11524). A class-level ``loss_cls = None``
+    makes that check read False, as it does for every other head; the loss, which never uses
+    ``loss_cls``, is unchanged. ``AnchorLossSSDHead`` carries the attribute itself; the
+    tools call this for the upstream twin. Does nothing where the class already has it.
+    """
+    if 'loss_cls' not in vars(cls):
+        cls.loss_cls = None
+
+
+@register_twin('SSDHead')
+class AnchorLossSSDHead(BatchedAnchorLossMixin, SSDHead):
     """Drop-in ``SSDHead`` with the batched loss.
 
     Same numbers as ``SSDHead.loss_by_feat``: softmax cross-entropy on every anchor, all
@@ -38,29 +53,16 @@ class AnchorLossSSDHead(_PluginHeadInit, BatchedAnchorLossMixin, SSDHead):
     the result has one entry per image, not per level.
     """
 
-    # mmdet 3.3.0's SSDHead cannot predict: BaseDenseHead reads ``self.loss_cls`` and SSD
-    # has none (mmdetection issues 11063, 11305). None makes that check read False; the
-    # loss never uses it. ``engine.launch.fix_ssd_head_predict`` does the same for SSDHead.
-    loss_cls = None
+    loss_cls = None  # see ``patch_ssd_predict``
 
-    def loss_by_feat(
-        self,
-        cls_scores,
-        bbox_preds,
-        batch_gt_instances,
-        batch_img_metas,
-        batch_gt_instances_ignore=None,
-    ) -> dict:
-        """See ``SSDHead.loss_by_feat``.
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.train_cfg is not None:  # upstream calls smooth_l1_loss with this beta
+            self.loss_bbox = SmoothL1Loss(beta=self.train_cfg['smoothl1_beta'], loss_weight=1.0)
 
-        Returns:
-            dict: ``loss_cls`` (B tensors of shape (1,)) and ``loss_bbox`` (B 0-d tensors).
-        """
-        inputs = self.prepare_loss(
-            cls_scores, bbox_preds, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore
-        )
+    def classification_losses(self, cls_scores: List[Tensor], inputs: LossInputs) -> Tensor:
+        """(B, 1) per image: positives plus the hardest negatives, over the avg_factor."""
         t = inputs.targets
-        B, N = t.labels.shape
         ce = (
             softmax_cross_entropy_rows(cls_scores, self.prior_generator.num_base_anchors, t.labels)
             * t.label_weights
@@ -69,19 +71,9 @@ class AnchorLossSSDHead(_PluginHeadInit, BatchedAnchorLossMixin, SSDHead):
         neg = t.labels == self.num_classes
         num_neg = torch.minimum(self.train_cfg['neg_pos_ratio'] * pos.sum(dim=1), neg.sum(dim=1))
         cls_sum = (ce * pos).sum(dim=1) + hard_negative_sum(ce, neg, num_neg)
-        losses_cls = cls_sum / t.avg_factor
+        return (cls_sum / t.avg_factor).view(-1, 1)
 
-        pred = self._positive_deltas(bbox_preds, inputs)
-        weights = torch.ones_like(t.pos_bbox_targets)
-        elem = smooth_l1_loss(
-            pred,
-            t.pos_bbox_targets,
-            weights,
-            beta=self.train_cfg['smoothl1_beta'],
-            reduction='none',
-        )
-        per_image = segment_sum(rows_of(elem, len(pred)), t.pos_batch_inds, B)
-        losses_bbox = per_image / (t.avg_factor + EPS)
-        return dict(
-            loss_cls=list(losses_cls.view(B, 1).unbind()), loss_bbox=list(losses_bbox.unbind())
-        )
+    def loss_groups(self, inputs: LossInputs) -> Tuple[Tensor, int]:
+        """SSD reports the regression loss per image."""
+        t = inputs.targets
+        return t.pos_batch_inds, t.labels.size(0)

@@ -7,10 +7,9 @@ classification loss over all levels, the regression loss on gathered positives, 
 reduction to upstream's per-level values.
 """
 
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from mmdet.structures.bbox import get_box_tensor
 from mmdet.utils import reduce_mean
 from mmengine.logging import MessageHub
 from mmengine.structures import InstanceData
@@ -20,7 +19,14 @@ from ..anchors import BatchAnchors, batch_anchors
 from ..diagnostics.assignment_stats import batch_assign_stats
 from ..losses.level_reduce import normalise, rows_of, segment_sum
 from ..structures import PaddedBoxes, SampledTargets, pad_instances
-from ..targets import assign_batch, build_targets, gather_anchor_rows, levels_to_rows, sample_batch
+from ..targets import (
+    assign_batch,
+    build_targets,
+    decode_boxes,
+    gather_anchor_rows,
+    levels_to_rows,
+    sample_batch,
+)
 from ..validation import (
     check_batch_lengths,
     check_finite_predictions,
@@ -52,8 +58,9 @@ class LossInputs(NamedTuple):
 class BatchedAnchorLossMixin:
     """Batched ``loss_by_feat`` for AnchorHead-style heads (see module docstring).
 
-    Extra keyword arguments of the plugin heads (all optional, defaults keep upstream's
-    numbers):
+    Goes first in the bases of an mmdet head class (``heads.twins.batched_twin`` does
+    that). Extra keyword arguments of the plugin heads (all optional, defaults keep
+    upstream's numbers):
         sync_avg_factor (bool): all-reduce (mean) the avg_factor across processes so the
             loss does not depend on how the batch is split. Default False (upstream's
             per-process normalisation).
@@ -61,17 +68,56 @@ class BatchedAnchorLossMixin:
             holds NaN or inf. Default False (one extra pass and host sync).
         log_assign_stats (bool): record positives per level and the share of gts with no
             positive anchor in mmengine's ``MessageHub``. Default True.
+
+    Class attributes a twin may set:
+        loss_keys (dict): names of the two loss entries (RPN: ``loss_rpn_cls`` ...).
     """
 
-    def _init_batched_options(
+    loss_keys: Dict[str, str] = dict(loss_cls='loss_cls', loss_bbox='loss_bbox')
+
+    def __init__(
         self,
+        *args,
         sync_avg_factor: bool = False,
         check_finite: bool = False,
         log_assign_stats: bool = True,
+        **kwargs,
     ) -> None:
+        super().__init__(*args, **kwargs)
         self.sync_avg_factor = sync_avg_factor
         self.check_finite = check_finite
         self.log_assign_stats = log_assign_stats
+
+    def loss_by_feat(
+        self,
+        cls_scores: List[Tensor],
+        bbox_preds: List[Tensor],
+        batch_gt_instances: Sequence[InstanceData],
+        batch_img_metas: Sequence[dict],
+        batch_gt_instances_ignore: Optional[Sequence] = None,
+    ) -> Dict[str, List[Tensor]]:
+        """Upstream ``AnchorHead.loss_by_feat``'s numbers, batched.
+
+        Args:
+            cls_scores (list[Tensor]): L maps (B, A * cls_out_channels, H_l, W_l).
+            bbox_preds (list[Tensor]): L maps (B, A * 4, H_l, W_l).
+            batch_gt_instances (list[InstanceData]): B items, ``bboxes`` (G_i, 4) and
+                ``labels`` (G_i,).
+            batch_img_metas (list[dict]): B metas.
+            batch_gt_instances_ignore (list[InstanceData | None], optional).
+
+        Returns:
+            dict: the two ``loss_keys``, each a list of L 0-d tensors (one per level).
+        """
+        inputs = self.prepare_loss(
+            cls_scores, bbox_preds, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore
+        )
+        losses_cls = self.classification_losses(cls_scores, inputs)
+        losses_bbox = self.regression_losses(bbox_preds, inputs)
+        return {
+            self.loss_keys['loss_cls']: list(losses_cls.unbind()),
+            self.loss_keys['loss_bbox']: list(losses_bbox.unbind()),
+        }
 
     # --------------------------------------------------------------- targets
     def batch_targets(
@@ -133,8 +179,8 @@ class BatchedAnchorLossMixin:
         return LossInputs(anchors, gts, targets, stats)
 
     # --------------------------------------------------------------- losses
-    def _cls_level_losses(self, cls_scores: List[Tensor], inputs: LossInputs) -> Tensor:
-        """(L,) classification loss per level.
+    def classification_losses(self, cls_scores: List[Tensor], inputs: LossInputs) -> Tensor:
+        """(L,) classification loss per level (a twin may replace this step: SSD).
 
         A loss that offers ``level_losses`` (the fused-loss protocol, see
         ``losses.FusedSigmoidMixin``) reads the level maps itself; any other mmdet loss, or
@@ -167,7 +213,8 @@ class BatchedAnchorLossMixin:
         return normalise(per_level, t.avg_factor)
 
     def _positive_deltas(self, bbox_preds: List[Tensor], inputs: LossInputs) -> Tensor:
-        """(P, box_dim) predictions of the positives, decoded with ``reg_decoded_bbox``."""
+        """(P, box_dim) predictions of the positives, decoded with ``reg_decoded_bbox``
+        (through the coder's ``decode_batch`` when it has one)."""
         t, a = inputs.targets, inputs.anchors
         box_dim = self.bbox_coder.encode_size
         pred = gather_anchor_rows(
@@ -179,47 +226,25 @@ class BatchedAnchorLossMixin:
             box_dim,
         )
         if self.reg_decoded_bbox:
-            pred = get_box_tensor(self.bbox_coder.decode(a.anchors[t.pos_anchor_inds], pred))
+            pred = decode_boxes(self.bbox_coder, a.anchors[t.pos_anchor_inds], pred)
         return pred
 
-    def _bbox_level_losses(self, bbox_preds: List[Tensor], inputs: LossInputs) -> Tensor:
-        """(L,) regression loss per level, computed on the positives only."""
-        t, a = inputs.targets, inputs.anchors
+    def loss_groups(self, inputs: LossInputs) -> Tuple[Tensor, int]:
+        """Which reported value each positive's regression loss adds to: its level (L
+        values, upstream AnchorHead); a twin that reports per image returns image ids."""
+        a, t = inputs.anchors, inputs.targets
+        return a.level_ids[t.pos_anchor_inds], len(a.level_sizes)
+
+    def regression_losses(self, bbox_preds: List[Tensor], inputs: LossInputs) -> Tensor:
+        """Regression loss per level (or per ``loss_groups``), on the positives only."""
+        t = inputs.targets
         pred = self._positive_deltas(bbox_preds, inputs)
         # Every positive has weight 1: passing none keeps the values and spares the
         # ``torch.any(weight > 0)`` read-back of mmdet's regression losses.
         out = self.loss_bbox(pred, t.pos_bbox_targets, None, reduction_override='none')
         rows = rows_of(out, len(pred))
-        per_level = segment_sum(rows, a.level_ids[t.pos_anchor_inds], len(a.level_sizes))
-        return normalise(per_level, t.avg_factor)
-
-    def batched_loss_by_feat(
-        self,
-        cls_scores: List[Tensor],
-        bbox_preds: List[Tensor],
-        batch_gt_instances: Sequence[InstanceData],
-        batch_img_metas: Sequence[dict],
-        batch_gt_instances_ignore: Optional[Sequence] = None,
-    ) -> Dict[str, List[Tensor]]:
-        """Upstream ``AnchorHead.loss_by_feat``'s numbers, batched.
-
-        Args:
-            cls_scores (list[Tensor]): L maps (B, A * cls_out_channels, H_l, W_l).
-            bbox_preds (list[Tensor]): L maps (B, A * 4, H_l, W_l).
-            batch_gt_instances (list[InstanceData]): B items, ``bboxes`` (G_i, 4) and
-                ``labels`` (G_i,).
-            batch_img_metas (list[dict]): B metas.
-            batch_gt_instances_ignore (list[InstanceData | None], optional).
-
-        Returns:
-            dict: ``loss_cls`` and ``loss_bbox``, each a list of L 0-d tensors.
-        """
-        inputs = self.prepare_loss(
-            cls_scores, bbox_preds, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore
-        )
-        losses_cls = self._cls_level_losses(cls_scores, inputs)
-        losses_bbox = self._bbox_level_losses(bbox_preds, inputs)
-        return dict(loss_cls=list(losses_cls.unbind()), loss_bbox=list(losses_bbox.unbind()))
+        group_ids, num_groups = self.loss_groups(inputs)
+        return normalise(segment_sum(rows, group_ids, num_groups), t.avg_factor)
 
     def prepare_loss(
         self,

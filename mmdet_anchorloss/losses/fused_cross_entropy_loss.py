@@ -4,15 +4,15 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from mmdet.models.losses import CrossEntropyLoss
-from mmdet.registry import MODELS
 from torch import Tensor
 
+from ..registry import register_twin
 from .fused_focal_loss import FusedSigmoidMixin
 from .level_reduce import normalise
 from .softmax_levels import softmax_cross_entropy_rows
 
 
-@MODELS.register_module()
+@register_twin('CrossEntropyLoss')
 class FusedCrossEntropyLoss(FusedSigmoidMixin, CrossEntropyLoss):
     """Same constructor and numbers as mmdet's ``CrossEntropyLoss``.
 

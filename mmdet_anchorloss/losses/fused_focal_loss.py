@@ -3,9 +3,9 @@
 from typing import Optional, Sequence, Tuple
 
 from mmdet.models.losses import FocalLoss
-from mmdet.registry import MODELS
 from torch import Tensor
 
+from ..registry import register_twin
 from .level_reduce import EPS
 from .sigmoid_kernels import sigmoid_level_losses
 
@@ -86,7 +86,7 @@ class FusedSigmoidMixin:
         return total[0]
 
 
-@MODELS.register_module()
+@register_twin('FocalLoss')
 class FusedFocalLoss(FusedSigmoidMixin, FocalLoss):
     """Sigmoid focal loss, fused. Same constructor and numbers as mmdet's ``FocalLoss``.
 

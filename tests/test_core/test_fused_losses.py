@@ -14,7 +14,6 @@ from helpers import (
 )
 from mmdet.models.losses import CrossEntropyLoss, FocalLoss
 
-from mmdet_anchorloss.compile import MaybeCompiled
 from mmdet_anchorloss.losses import FusedCrossEntropyLoss, FusedFocalLoss, sigmoid_kernels
 
 
@@ -94,21 +93,6 @@ def test_compiled_kernels_match_upstream(monkeypatch, make_cfg):
         assert kernel._compiled is not None and not kernel.failed
     assert_losses_match(ref, got)
     assert_grads_match(ref_g, got_g)
-
-
-def test_compile_failure_falls_back_with_a_warning(monkeypatch):
-    kernel = MaybeCompiled(sigmoid_kernels._loss_only)
-    kernel.mode = 'auto'
-
-    def broken():
-        raise RuntimeError('no compiler here')
-
-    monkeypatch.setattr(kernel, 'compiled', broken)
-    x, c = torch.randn(2, 3, 4, 5), torch.rand(2, 3, 1, 5)
-    with pytest.warns(UserWarning, match='using eager kernels'):
-        out = kernel(x, c, 2.0, 0.75)
-    assert kernel.failed
-    torch.testing.assert_close(out, sigmoid_kernels._loss_only(x, c, 2.0, 0.75))
 
 
 def test_no_grad_forward_and_grad_is_handed_over():
