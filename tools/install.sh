@@ -48,7 +48,7 @@ fi
 pip_install() {
   local log rc=0
   log=$(mktemp)
-  "$PY" -m pip install --disable-pip-version-check "${SRC[@]}" "$@" 2>&1 | tee "$log" || rc=$?
+  "$PY" -m pip install --disable-pip-version-check ${SRC[@]+"${SRC[@]}"} "$@" 2>&1 | tee "$log" || rc=$?
   if [ "$rc" -ne 0 ]; then
     local missing
     # torch is never in a wheelhouse: its own message follows
@@ -92,7 +92,7 @@ if [ -n "$WHEELHOUSE" ]; then
   say "wheelhouse check"
   "$PY" tools/wheelhouse.py check "$WHEELHOUSE" \
     --python-version "$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ||
-    die "the wheelhouse $WHEELHOUSE is incomplete (see above)"
+    die "the wheelhouse $WHEELHOUSE cannot be used here (see above)"
 fi
 
 say "torch (kept if already installed; never replaces a user's CUDA build)"
@@ -150,7 +150,7 @@ else
     if ! ls "$wheels"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
       MMCV_WITH_OPS=1 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" \
         MAX_JOBS="$MAX_JOBS" CUDA_HOME="$CUDA_HOME" \
-        "$PY" -m pip wheel --disable-pip-version-check "${SRC[@]}" --no-deps \
+        "$PY" -m pip wheel --disable-pip-version-check ${SRC[@]+"${SRC[@]}"} --no-deps \
         --no-build-isolation --no-cache-dir -w "$wheels" "$(pin mmcv)"
     else
       echo "[install]   reusing the CUDA build in $wheels"
