@@ -1,7 +1,7 @@
 """Anchors of all levels, and per-image inside flags, for the whole batch at once."""
 
 import math
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from mmdet.models.task_modules.prior_generators import AnchorGenerator
@@ -39,9 +39,11 @@ class _Grid(NamedTuple):
 _CACHE_SIZE = 16
 
 
-def _grid(prior_generator, featmap_sizes: Sequence[Tuple[int, int]], device) -> _Grid:
-    """Anchors and their grid coordinates, cached on the generator per sizes and device."""
-    cache = prior_generator.__dict__.setdefault('_anchorloss_grid_cache', {})
+def _grid(
+    prior_generator, featmap_sizes: Sequence[Tuple[int, int]], device, cache: Optional[dict]
+) -> _Grid:
+    """Anchors and their grid coordinates, kept in ``cache`` per sizes and device."""
+    cache = {} if cache is None else cache
     key = (tuple(featmap_sizes), str(device))
     if key not in cache:
         multi_level = prior_generator.grid_priors(featmap_sizes, device=device)
@@ -107,6 +109,7 @@ def batch_anchors(
     batch_img_metas: Sequence[dict],
     allowed_border: float,
     device,
+    cache: Optional[dict] = None,
 ) -> BatchAnchors:
     """Generate the anchors once and the inside flags of every image.
 
@@ -117,12 +120,14 @@ def batch_anchors(
         allowed_border (float): ``train_cfg.allowed_border``; negative keeps every valid
             anchor (as ``anchor_inside_flags`` does).
         device: Device of the result.
+        cache (dict, optional): the caller's store for the anchor grids, which do not
+            change between iterations of one feature-map size (the heads keep one each).
 
     Returns:
         BatchAnchors: anchors (N, 4), inside (B, N), level sizes and ids.
     """
     featmap_sizes = [tuple(int(v) for v in s) for s in featmap_sizes]
-    grid = _grid(prior_generator, featmap_sizes, device)
+    grid = _grid(prior_generator, featmap_sizes, device, cache)
     anchors = grid.anchors
     pad_shapes = [tuple(m['pad_shape'][:2]) for m in batch_img_metas]
     if type(prior_generator).valid_flags is AnchorGenerator.valid_flags:

@@ -1,6 +1,6 @@
 """Batched training targets: anchors -> assignment -> sampling -> encoded box targets."""
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from mmdet.models.task_modules.samplers import PseudoSampler, RandomSampler
@@ -180,43 +180,3 @@ def positions(mask: Tensor, count: Optional[int] = None) -> Tuple[Tensor, Tensor
         return mask.nonzero(as_tuple=True)
     rows, cols = torch.nonzero_static(mask, size=count).t().contiguous()
     return rows, cols
-
-
-def levels_to_rows(maps: List[Tensor], channels: int) -> Tensor:
-    """(B, A*K, H, W) maps of all levels -> (B, N, K), anchors ordered (level, y, x, a)."""
-    B = maps[0].size(0)
-    return torch.cat([m.permute(0, 2, 3, 1).reshape(B, -1, channels) for m in maps], dim=1)
-
-
-def gather_anchor_rows(
-    maps: List[Tensor],
-    num_base_priors: Sequence[int],
-    level_sizes: Sequence[int],
-    batch_inds: Tensor,
-    anchor_inds: Tensor,
-    channels: int,
-) -> Tensor:
-    """Rows of selected anchors read straight from the level maps (no concatenated copy).
-
-    Args:
-        maps (list[Tensor]): L maps (B, A_l * channels, H_l, W_l).
-        num_base_priors (Sequence[int]): A_l per level.
-        level_sizes (Sequence[int]): N_l = H_l * W_l * A_l per level.
-        batch_inds, anchor_inds (Tensor): (P,) image and anchor (into N) of each row.
-
-    Returns:
-        Tensor: (P, channels), equal to ``levels_to_rows(maps, channels)[batch_inds,
-        anchor_inds]``; differentiable.
-    """
-    out = maps[0].new_zeros(len(anchor_inds), channels)
-    k = torch.arange(channels, device=anchor_inds.device)
-    start = 0
-    for x, a, size in zip(maps, num_base_priors, level_sizes):  # L gathers, no host sync
-        on = (anchor_inds >= start) & (anchor_inds < start + size)
-        local = (anchor_inds - start).clamp(min=0, max=size - 1)
-        S = x.shape[-2] * x.shape[-1]
-        s_idx, a_idx = local // a, local % a
-        flat = ((batch_inds * a + a_idx)[:, None] * channels + k) * S + s_idx[:, None]
-        out = torch.where(on[:, None], x.reshape(-1).take(flat), out)
-        start += size
-    return out

@@ -13,9 +13,6 @@ from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
 from ..sync_policy import avoid_host_sync
 from .iou_kernels import chunk_ties, finalize_assignment, low_quality_ties, overlap_max
 
-NEGATIVE = 0
-IGNORED = -1
-
 
 @register_twin('MaxIoUAssigner', 'TASK_UTILS')
 class BatchMaxIoUAssigner(MaxIoUAssigner):
@@ -75,7 +72,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         Args:
             anchors (Tensor): (N, 4) anchors shared by the batch.
             inside (Tensor): (B, N) bool; anchors upstream would hand to the assigner.
-                The others come back as ``IGNORED``.
+                The others come back ignored (-1).
             gts (PaddedBoxes): bboxes (B, G, 4), labels (B, G), mask (B, G).
             ignore (PaddedBoxes, optional): boxes to ignore, (B, K, 4) with mask.
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..compile import MaybeCompiled
 
-EPS = 1e-6  # bbox_overlaps' default
+IOU_EPS = 1e-6  # bbox_overlaps' default
 
 
 def iou_planes(g: Tuple[Tensor, ...], a: Tuple[Tensor, ...]) -> Tensor:
@@ -27,7 +27,7 @@ def iou_planes(g: Tuple[Tensor, ...], a: Tuple[Tensor, ...]) -> Tensor:
     h = torch.minimum(gy2, ay2) - torch.maximum(gy1, ay1)
     overlap = w.clamp(min=0) * h.clamp(min=0)
     union = (area_g + area_a) - overlap
-    return overlap / union.clamp(min=EPS)
+    return overlap / union.clamp(min=IOU_EPS)
 
 
 def _masked(gx1, gy1, gx2, gy2, gt_mask, ax1, ay1, ax2, ay2, inside, ignored) -> Tensor:

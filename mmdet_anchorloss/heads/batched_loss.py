@@ -17,16 +17,10 @@ from torch import Tensor
 
 from ..anchors import BatchAnchors, batch_anchors
 from ..diagnostics.assignment_stats import batch_assign_stats
+from ..layout import gather_anchor_rows, levels_to_rows
 from ..losses.level_reduce import normalise, rows_of, segment_sum
 from ..structures import PaddedBoxes, SampledTargets, pad_instances
-from ..targets import (
-    assign_batch,
-    build_targets,
-    decode_boxes,
-    gather_anchor_rows,
-    levels_to_rows,
-    sample_batch,
-)
+from ..targets import assign_batch, build_targets, decode_boxes, sample_batch
 from ..validation import (
     check_batch_lengths,
     check_finite_predictions,
@@ -87,6 +81,7 @@ class BatchedAnchorLossMixin:
         self.sync_avg_factor = sync_avg_factor
         self.check_finite = check_finite
         self.log_assign_stats = log_assign_stats
+        self.anchor_grids: dict = {}  # anchors per feature-map sizes (see anchors.batch_anchors)
 
     def loss_by_feat(
         self,
@@ -142,6 +137,14 @@ class BatchedAnchorLossMixin:
             LossInputs: ``anchors`` (N anchors, (B, N) inside flags) and ``targets``.
         """
         check_batch_lengths(batch_gt_instances, batch_img_metas, batch_gt_instances_ignore)
+        return self._batch_targets(
+            featmap_sizes, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore, device
+        )
+
+    def _batch_targets(
+        self, featmap_sizes, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore, device
+    ) -> LossInputs:
+        """``batch_targets`` once the batch lengths are known to agree."""
         gts = pad_instances(batch_gt_instances, device)
         ignore = None
         if batch_gt_instances_ignore is not None and any(
@@ -154,6 +157,7 @@ class BatchedAnchorLossMixin:
             batch_img_metas,
             self.train_cfg['allowed_border'],
             device,
+            self.anchor_grids,
         )
         check_targets_inputs(gts, ignore, anchors, self.num_classes, batch_img_metas)
         assign = assign_batch(
@@ -216,14 +220,8 @@ class BatchedAnchorLossMixin:
         """(P, box_dim) predictions of the positives, decoded with ``reg_decoded_bbox``
         (through the coder's ``decode_batch`` when it has one)."""
         t, a = inputs.targets, inputs.anchors
-        box_dim = self.bbox_coder.encode_size
         pred = gather_anchor_rows(
-            bbox_preds,
-            self.prior_generator.num_base_anchors,
-            a.level_sizes,
-            t.pos_batch_inds,
-            t.pos_anchor_inds,
-            box_dim,
+            bbox_preds, self.prior_generator.num_base_anchors, t.pos_batch_inds, t.pos_anchor_inds
         )
         if self.reg_decoded_bbox:
             pred = decode_boxes(self.bbox_coder, a.anchors[t.pos_anchor_inds], pred)
@@ -268,7 +266,7 @@ class BatchedAnchorLossMixin:
         if self.check_finite:
             check_finite_predictions(cls_scores, bbox_preds)
         featmap_sizes = [tuple(s.shape[-2:]) for s in cls_scores]
-        inputs = self.batch_targets(
+        inputs = self._batch_targets(
             featmap_sizes,
             batch_gt_instances,
             batch_img_metas,

@@ -6,7 +6,7 @@ from mmdet.models.losses import FocalLoss
 from torch import Tensor
 
 from ..registry import register_twin
-from .level_reduce import EPS
+from .level_reduce import AVG_FACTOR_EPS
 from .sigmoid_kernels import sigmoid_level_losses
 
 
@@ -47,7 +47,7 @@ class FusedSigmoidMixin:
         """
         if not self._fusable():
             return None
-        scale = self.loss_weight / (avg_factor + EPS)
+        scale = self.loss_weight / (avg_factor + AVG_FACTOR_EPS)
         return sigmoid_level_losses(
             levels, num_base_priors, labels, weights, scale, *self._sigmoid_params(), positives
         )
@@ -71,7 +71,7 @@ class FusedSigmoidMixin:
         if avg_factor is not None:
             if reduction == 'sum':
                 raise ValueError('avg_factor can not be used with reduction="sum"')
-            scale = self.loss_weight / (avg_factor + EPS)
+            scale = self.loss_weight / (avg_factor + AVG_FACTOR_EPS)
         else:
             scale = self.loss_weight / max(R * C, 1) if reduction == 'mean' else self.loss_weight
         weight = pred.new_ones(R) if weight is None else weight.float()

@@ -5,7 +5,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-EPS = torch.finfo(torch.float32).eps  # mmdet's weight_reduce_loss adds this to avg_factor
+# mmdet's weight_reduce_loss adds this to avg_factor
+AVG_FACTOR_EPS = torch.finfo(torch.float32).eps
 
 
 def rows_of(loss: Tensor, num_rows: int) -> Tensor:
@@ -27,4 +28,4 @@ def normalise(total: Tensor, avg_factor: Optional[Union[Tensor, float]]) -> Tens
     """``total / (avg_factor + eps)``, mmdet's 'mean' reduction with an avg_factor."""
     if avg_factor is None:
         return total
-    return total / (avg_factor + EPS)
+    return total / (avg_factor + AVG_FACTOR_EPS)

@@ -15,12 +15,13 @@ with ``use_sigmoid=True``).
 
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..compile import MaybeCompiled
+from ..layout import anchor_planes, class_planes, map_index, take
 from ..sync_policy import avoid_host_sync
 
 _EAGER_CHUNK = 1 << 22  # elements per eager chunk: temporaries stay a few MB
@@ -147,59 +148,6 @@ def use_triton(x: Tensor) -> bool:
 KERNELS = _Kernels()
 
 
-def _as_4d(x: Tensor, num_base: int) -> Tensor:
-    """(B, A*C, H, W) prediction map -> (B, A, C, H*W) view."""
-    B, AC, H, W = x.shape
-    return x.contiguous().view(B, num_base, AC // num_base, H * W)
-
-
-def _anchor_layout(v: Tensor, shape) -> Tensor:
-    """(B, N_l) per-anchor values, anchors ordered (y, x, a) -> (B, A, 1, S)."""
-    B, A, _, S = shape
-    return v.reshape(B, S, A).transpose(1, 2).unsqueeze(2)
-
-
-def _positive_flat_index(
-    labels: Tensor,
-    level_sizes: Sequence[int],
-    shapes: Sequence[Tuple[int, int, int, int]],
-    positives: Optional[Tuple[Tensor, Tensor]] = None,
-):
-    """Where the target-1 entries lie.
-
-    Args:
-        positives (tuple[Tensor, Tensor], optional): (P,) image and anchor index of the
-            labels < C, when the caller has them; else found here (a host sync).
-
-    Returns:
-        tuple: pos_b, pos_n (P,) long; level (P,) long; flat (P,) long index into that
-        level's (B, A, C, S) map. Positives are labels < C.
-    """
-    C = shapes[0][2]
-    if positives is None:
-        positives = (labels < C).nonzero(as_tuple=True)
-    pos_b, pos_n = positives
-    bounds = torch.tensor(list(level_sizes), device=labels.device).cumsum(0)
-    level = torch.bucketize(pos_n, bounds, right=True)
-    starts = torch.cat([bounds.new_zeros(1), bounds[:-1]])
-    local = pos_n - starts[level]
-    A = torch.tensor([s[1] for s in shapes], device=labels.device)[level]
-    S = torch.tensor([s[3] for s in shapes], device=labels.device)[level]
-    s_idx, a_idx = local // A, local % A
-    c_idx = labels[pos_b, pos_n]
-    flat = ((pos_b * A + a_idx) * C + c_idx) * S + s_idx
-    return pos_b, pos_n, level, flat
-
-
-def _take_levels(x4s: List[Tensor], level: Tensor, flat: Tensor) -> Tensor:
-    """x at ``flat`` of level ``level`` for each of P entries (no host sync)."""
-    out = x4s[0].new_zeros(flat.shape)
-    for lvl, x4 in enumerate(x4s):
-        on = level == lvl
-        out = torch.where(on, x4.reshape(-1).take(flat.where(on, 0)), out)
-    return out
-
-
 class SigmoidLevelsLoss(torch.autograd.Function):
     """Per-level totals (L,) of a scaled, weighted sigmoid focal / BCE loss.
 
@@ -221,7 +169,7 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         *levels: Tensor,
     ) -> Tensor:
         gamma, alpha_pos, alpha_neg = params
-        x4s = [_as_4d(x, a) for x, a in zip(levels, num_base_priors)]
+        x4s = [class_planes(x, a) for x, a in zip(levels, num_base_priors)]
         shapes = [tuple(x.shape) for x in x4s]
         level_sizes = [s[1] * s[3] for s in shapes]
         coef = (weights * scale).float()  # (B, N)
@@ -229,7 +177,7 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         totals, grads = [], []
         # One fused kernel per level (levels differ in shape; no host sync between them).
         for x4, c in zip(x4s, coef.split(level_sizes, dim=1)):
-            c4 = _anchor_layout(c, x4.shape).contiguous()  # so the gradient comes out contiguous
+            c4 = anchor_planes(c, x4.shape).contiguous()  # so the gradient comes out contiguous
             if use_triton(x4):
                 total, grad = triton_module().sigmoid_loss_and_grad(
                     x4, c4, gamma, alpha_neg, want_grad
@@ -244,8 +192,12 @@ class SigmoidLevelsLoss(torch.autograd.Function):
             totals.append(total)
         totals = torch.stack(totals).float()
         # target-1 entries: swap the target-0 term for the target-1 term, on (P,) values
-        pos_b, pos_n, level, flat = _positive_flat_index(labels, level_sizes, shapes, positives)
-        x_pos = _take_levels(x4s, level, flat).float()
+        if positives is None:  # the caller did not hand them over: find them (a host sync)
+            positives = (labels < shapes[0][2]).nonzero(as_tuple=True)
+        pos_b, pos_n = positives
+        index = map_index(levels, num_base_priors, pos_b, pos_n, labels[pos_b, pos_n][:, None])
+        level, flat = index.level, index.flat[:, 0]
+        x_pos = take(levels, index)[:, 0].float()
         c_pos = coef[pos_b, pos_n]
         corr = (_pos_loss(x_pos, gamma, alpha_pos) - _neg_loss(x_pos, gamma, alpha_neg)) * c_pos
         totals = totals.index_add(0, level, corr.float())

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ..compile import MaybeCompiled
-from .sigmoid_kernels import _anchor_layout, _as_4d, triton_module, use_triton
+from ..layout import anchor_planes, class_planes
+from .sigmoid_kernels import triton_module, use_triton
 
 
 def _lse_and_prob(x4: Tensor) -> Tuple[Tensor, Tensor]:
@@ -47,9 +48,9 @@ class SoftmaxLevelsCE(torch.autograd.Function):
         triton = use_triton(levels[0])
         start = 0
         for x, a in zip(levels, num_base_priors):  # levels differ in shape; no host sync
-            x4 = _as_4d(x, a)  # (B, A, C1, S)
+            x4 = class_planes(x, a)  # (B, A, C1, S)
             B, A, _, S = x4.shape
-            lab = _anchor_layout(labels[:, start : start + A * S], x4.shape)  # (B, A, 1, S)
+            lab = anchor_planes(labels[:, start : start + A * S], x4.shape)  # (B, A, 1, S)
             if triton:
                 lse, ce = triton_module().softmax_ce_forward(x4, lab.squeeze(2))
                 saved.append(lse)
@@ -65,7 +66,9 @@ class SoftmaxLevelsCE(torch.autograd.Function):
             start += A * S
         if want_grad:
             ctx.saved, ctx.labs, ctx.triton = saved, labs, triton
-            ctx.levels = [_as_4d(x, a) for x, a in zip(levels, num_base_priors)] if triton else None
+            ctx.levels = (
+                [class_planes(x, a) for x, a in zip(levels, num_base_priors)] if triton else None
+            )
             ctx.dtypes = [x.dtype for x in levels]
             ctx.level_sizes = [lab.shape[1] * lab.shape[3] for lab in labs]
             ctx.shapes = [x.shape for x in levels]
@@ -83,7 +86,7 @@ class SoftmaxLevelsCE(torch.autograd.Function):
         for i, (keep, lab, dtype, g) in enumerate(
             zip(saved, labs, ctx.dtypes, grad_rows.split(ctx.level_sizes, dim=1))
         ):
-            coef = _anchor_layout(g.float(), lab.shape)  # (B, A, 1, S)
+            coef = anchor_planes(g.float(), lab.shape)  # (B, A, 1, S)
             if ctx.triton:  # keep: (B, A, S) log-sum-exp
                 grad = triton_module().softmax_ce_backward(
                     ctx.levels[i], lab.squeeze(2), keep, coef.squeeze(2)
