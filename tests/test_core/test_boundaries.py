@@ -193,24 +193,26 @@ def test_ties_across_chunk_borders(assign_all, seed, anchors_per_chunk):
         assert i == 1 or low.any()  # low-quality matches decide the result
 
 
-def test_first_anchor_of_a_tie_wins_across_chunks():
+@pytest.mark.parametrize(
+    'assign_all, expected',
+    [(False, [0, 1, 0, 0, -1, 0, 0, -1, 0]), (True, [0, 1, 0, 0, 1, 0, 0, 1, 0])],
+)
+def test_tie_in_every_chunk(assign_all, expected):
     # gt's best IoU (0.5) is reached by anchors 1, 4 and 7 (identical boxes in three
-    # chunks of 3); with gt_max_assign_all=False upstream gives it the first (anchor 1).
+    # chunks of 3); with gt_max_assign_all=False upstream gives it the first (anchor 1),
+    # with True all three.
     gt = boxes([0, 0, 10, 10])
     far = [200, 200, 210, 210]
     tie = [0, 0, 10, 20]
     anchors = boxes(far, tie, far, far, tie, far, far, tie, far)
     assert bbox_overlaps(gt, anchors[1:2])[0, 0] == exactly(0.5)
-    kw = dict(pos_iou_thr=0.6, neg_iou_thr=0.4, min_pos_iou=0.1, gt_max_assign_all=False)
-    ref = MaxIoUAssigner(**kw).assign(
-        InstanceData(priors=anchors), InstanceData(bboxes=gt, labels=torch.tensor([0]))
-    )
+    kw = dict(pos_iou_thr=0.6, neg_iou_thr=0.4, min_pos_iou=0.1, gt_max_assign_all=assign_all)
+    gts = InstanceData(bboxes=gt, labels=torch.tensor([0]))
+    ref = MaxIoUAssigner(**kw).assign(InstanceData(priors=anchors), gts)
     got = BatchMaxIoUAssigner(max_chunk_elems=3, **kw).assign_batch(
-        anchors,
-        torch.ones(1, 9, dtype=torch.bool),
-        pad_instances([InstanceData(bboxes=gt, labels=torch.tensor([0]))], 'cpu'),
+        anchors, torch.ones(1, 9, dtype=torch.bool), pad_instances([gts], 'cpu')
     )
-    assert ref.gt_inds.tolist() == got.gt_inds[0].tolist() == [0, 1, 0, 0, -1, 0, 0, -1, 0]
+    assert ref.gt_inds.tolist() == got.gt_inds[0].tolist() == expected
 
 
 # ---------------------------------------------------------------- RandomSampler
@@ -343,6 +345,7 @@ HEADS = {
         ('per_level', 1.0),  # a different loss weight per level and per loss term
         ('ones', 65536.0),  # AMP's loss scale
         ('per_level', 2.0**-10),
+        ('one_and_two', 1.0),  # some levels' incoming gradient exactly 1, others not
     ],
 )
 def test_backward_of_weighted_and_scaled_sums(name, weights, scale):
@@ -353,6 +356,8 @@ def test_backward_of_weighted_and_scaled_sums(name, weights, scale):
     batch = make_batch(upstream, 1, num_gts, shapes, **kw)
     if weights == 'ones':
         weight_of = lambda k, i: 1.0  # noqa: E731
+    elif weights == 'one_and_two':
+        weight_of = lambda k, i: 1.0 if i % 2 else 2.0  # noqa: E731
     else:
         weight_of = lambda k, i: (0.3 + 0.45 * i) * (1.7 if 'bbox' in k else 0.8)  # noqa: E731
     ref = _weighted_loss_and_grads(upstream, batch, weight_of, scale)
@@ -519,6 +524,57 @@ def test_pos_weight_at_and_around_its_boundaries(pos_weight):
     plugin.load_state_dict(upstream.state_dict())
     batch = make_batch(upstream, 0, (3, 2), [(100, 120), (64, 90)])
     assert sum(s['pos'] for s in upstream_assign_stats(upstream, *batch)) > 0
+    ref = _weighted_loss_and_grads(upstream, batch, lambda k, i: 1.0)
+    got = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0)
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert_grads_match(ref[1], got[1])
+
+
+@pytest.mark.parametrize('name', ['retina_focal', 'ssd_softmax'])
+def test_levels_without_grad_and_large_logits(name):
+    """Some level maps need no gradient (a frozen level), and logits of magnitude ~100:
+    the loss and the other levels' gradients are upstream's, and finite."""
+    make_cfg, num_gts, shapes = HEADS[name]
+    cfg = make_cfg()
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    kw = dict(pad_divisor=1) if name.startswith('ssd') else {}
+    cls, reg, gts, metas, ignore = make_batch(upstream, 2, num_gts, shapes, **kw)
+    cls = [c.detach() * 40 for c in cls]  # |logit| up to ~300: exp(x - min) would overflow
+    results = []
+    for head in (upstream, plugin):
+        maps = [c.clone().requires_grad_(i != 1) for i, c in enumerate(cls)]
+        regs = [r.detach().clone().requires_grad_() for r in reg]
+        losses = head.loss_by_feat(maps, regs, gts, metas, ignore)
+        total = sum((1.0 if i % 2 else 2.0) * v for vs in losses.values() for i, v in enumerate(vs))
+        total.backward()
+        assert maps[1].grad is None
+        grads = [m.grad for i, m in enumerate(maps) if i != 1] + [r.grad for r in regs]
+        results.append((total.detach(), grads))
+    (ref, ref_g), (got, got_g) = results
+    assert torch.isfinite(ref) and torch.isfinite(got)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert_grads_match(ref_g, got_g)
+
+
+@pytest.mark.parametrize(
+    'make_cfg',
+    [
+        retina_cfg,
+        lambda: retina_cfg(
+            type='AnchorHead',
+            loss_cls=dict(_replace_=1, type='CrossEntropyLoss', use_sigmoid=False),
+        ),
+    ],
+    ids=['focal', 'softmax_ce'],
+)
+def test_non_square_feature_maps(make_cfg):
+    """Level maps of H != W (a wide and a tall image): layouts read as (H, W), not (W, W)."""
+    cfg = make_cfg()
+    if cfg['type'] == 'AnchorHead':
+        cfg.pop('stacked_convs')
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    batch = make_batch(upstream, 4, (4, 2), [(64, 160), (60, 150)])
+    assert all(c.shape[-2] != c.shape[-1] for c in batch[0][:3])
     ref = _weighted_loss_and_grads(upstream, batch, lambda k, i: 1.0)
     got = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0)
     assert got[0] == pytest.approx(ref[0], rel=1e-5)

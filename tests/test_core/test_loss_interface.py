@@ -164,3 +164,24 @@ def test_normalise_is_upstreams_mean_reduction_bitwise(avg_factor):
     assert torch.equal(normalise(loss.sum(), avg_factor), ref)
     assert normalise(loss.sum(), None) is not None
     torch.testing.assert_close(normalise(loss.sum(), None), loss.sum(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('reduction', REDUCTIONS)
+def test_focal_activated_and_single_entry(reduction):
+    """``activated=True`` takes probabilities, not logits; one row of one class."""
+    pred, labels, weight = _rows(5, ignored=False)
+    probs = pred.sigmoid().clamp(0.01, 0.99)
+    ref = _call(FocalLoss(activated=True, reduction=reduction), probs, labels, weight)
+    got = _call(FusedFocalLoss(activated=True, reduction=reduction), probs, labels, weight)
+    _assert_same(ref, got)
+    # a moderate logit: at |x| >> 1 a confident, correct positive's loss (~1e-7) is the
+    # difference of two O(1) terms in the fused kernel, exact only to ~1e-8 absolute
+    one = torch.tensor([[0.7]])
+    for label in ([0], [1]):
+        target = torch.tensor(label)
+        ref = _call(FocalLoss(reduction=reduction), one, target)
+        got = _call(FusedFocalLoss(reduction=reduction), one, target)
+        _assert_same(ref, got)
+        ref = _call(CrossEntropyLoss(use_sigmoid=True, reduction=reduction), one, target)
+        got = _call(FusedCrossEntropyLoss(use_sigmoid=True, reduction=reduction), one, target)
+        _assert_same(ref, got)
