@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..compile import MaybeCompiled
+from ..compile import kernel
 
 IOU_EPS = 1e-6  # bbox_overlaps' default
 
@@ -109,17 +109,16 @@ def _finalize(
     return gt_inds, max_ov, torch.where(gt_inds > 0, labels, -1)
 
 
-_FINALIZE = MaybeCompiled(_finalize)
+finalize_kernel = kernel(_finalize)
 
 
 def finalize_assignment(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, hi, pos_thr):
     """(B, N) gt_inds, max_overlaps and labels from the per-anchor IoU results."""
-    return _FINALIZE(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, hi, pos_thr)
+    return finalize_kernel(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, hi, pos_thr)
 
 
-_KERNELS = {
-    fn.__name__: MaybeCompiled(fn, cpu_only=True) for fn in (_overlap_max, _low_quality_ties)
-}
+overlap_max_kernel = kernel(_overlap_max, cpu_only=True)
+low_quality_ties_kernel = kernel(_low_quality_ties, cpu_only=True)
 
 
 def planes(boxes: Tensor) -> Tuple[Tensor, ...]:
@@ -141,7 +140,7 @@ def overlap_max(
         anchors (Tensor): (n, 4). inside (Tensor): (B, n) bool.
         ignored (Tensor, optional): (B, n) bool.
     """
-    return _KERNELS['_overlap_max'](*planes(gts), gt_mask, *planes(anchors), inside, ignored)
+    return overlap_max_kernel(*planes(gts), gt_mask, *planes(anchors), inside, ignored)
 
 
 def low_quality_ties(
@@ -154,6 +153,6 @@ def low_quality_ties(
     eligible: Tensor,
 ) -> Tensor:
     """(B, n) long: 1 + highest gt index whose best IoU this anchor ties (0 if none)."""
-    return _KERNELS['_low_quality_ties'](
+    return low_quality_ties_kernel(
         *planes(gts), gt_mask, *planes(anchors), inside, ignored, gt_max, eligible
     )

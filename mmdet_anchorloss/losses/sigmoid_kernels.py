@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..compile import MaybeCompiled
+from ..compile import kernel
 from ..layout import anchor_planes, class_planes, map_index, take
 from ..sync_policy import avoid_host_sync
 
@@ -118,12 +118,9 @@ def _eager_loss_only(x4, coef4, gamma, alpha_neg):
     )
 
 
-class _Kernels:
-    """The full-size torch kernels, compiled where possible (see ``..compile``)."""
-
-    def __init__(self) -> None:
-        self.loss_and_grad = MaybeCompiled(_loss_and_grad, _eager_loss_and_grad)
-        self.loss_only = MaybeCompiled(_loss_only, _eager_loss_only)
+# The full-size torch kernels, compiled where possible (see ``..compile``).
+loss_and_grad_kernel = kernel(_loss_and_grad, eager=_eager_loss_and_grad)
+loss_only_kernel = kernel(_loss_only, eager=_eager_loss_only)
 
 
 def triton_module():
@@ -143,9 +140,6 @@ def use_triton(x: Tensor) -> bool:
         return triton_module().available()
     loaded = sys.modules.get(f'{__package__}.triton_kernels')
     return loaded is not None and loaded.usable(x)
-
-
-KERNELS = _Kernels()
 
 
 class SigmoidLevelsLoss(torch.autograd.Function):
@@ -185,10 +179,10 @@ class SigmoidLevelsLoss(torch.autograd.Function):
                 if want_grad:
                     grads.append(grad)
             elif want_grad:
-                total, grad = KERNELS.loss_and_grad(x4, c4, gamma, alpha_neg)
+                total, grad = loss_and_grad_kernel(x4, c4, gamma, alpha_neg)
                 grads.append(grad.contiguous())  # a no-op unless the compiler chose strides
             else:
-                total = KERNELS.loss_only(x4, c4, gamma, alpha_neg)
+                total = loss_only_kernel(x4, c4, gamma, alpha_neg)
             totals.append(total)
         totals = torch.stack(totals).float()
         # target-1 entries: swap the target-0 term for the target-1 term, on (P,) values

@@ -12,7 +12,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..compile import MaybeCompiled
+from ..compile import kernel
 from ..layout import anchor_planes, class_planes
 from .sigmoid_kernels import triton_module, use_triton
 
@@ -30,8 +30,8 @@ def _lse_only(x4: Tensor) -> Tensor:
     return torch.logsumexp(x4.float(), dim=2)
 
 
-_LSE_AND_PROB = MaybeCompiled(_lse_and_prob)
-_LSE_ONLY = MaybeCompiled(_lse_only)
+lse_and_prob_kernel = kernel(_lse_and_prob)
+lse_only_kernel = kernel(_lse_only)
 
 
 class SoftmaxLevelsCE(torch.autograd.Function):
@@ -56,10 +56,10 @@ class SoftmaxLevelsCE(torch.autograd.Function):
                 saved.append(lse)
             else:
                 if want_grad:
-                    lse, prob = _LSE_AND_PROB(x4)
+                    lse, prob = lse_and_prob_kernel(x4)
                     saved.append(prob.contiguous())
                 else:
-                    lse = _LSE_ONLY(x4)
+                    lse = lse_only_kernel(x4)
                 ce = lse - x4.gather(2, lab).squeeze(2).float()
             labs.append(lab)
             rows.append(ce.transpose(1, 2).reshape(B, -1))

@@ -96,10 +96,14 @@ def test_chunked_compiled_and_generic_paths_agree(assign_all, monkeypatch):
     generic = BatchMaxIoUAssigner(**kw)
     generic.iou_calculator = _GenericIoU()
     generic = generic.assign_batch(a, inside, gts)
-    for kernel in (*iou_kernels._KERNELS.values(), iou_kernels._FINALIZE):
+    for kernel in (
+        iou_kernels.overlap_max_kernel,
+        iou_kernels.low_quality_ties_kernel,
+        iou_kernels.finalize_kernel,
+    ):
         monkeypatch.setattr(kernel, 'mode', '1')
     compiled = BatchMaxIoUAssigner(max_chunk_elems=1 << 14, **kw).assign_batch(a, inside, gts)
-    assert iou_kernels._KERNELS['_overlap_max']._compiled is not None
+    assert iou_kernels.overlap_max_kernel._compiled is not None
     for res in (chunked, generic, compiled):
         assert torch.equal(whole.gt_inds, res.gt_inds)
         assert torch.equal(whole.max_overlaps, res.max_overlaps)

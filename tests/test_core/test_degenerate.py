@@ -200,7 +200,11 @@ COMPILED_CASES_MORE = [
 )
 def test_compiled_kernels_on_degenerate_shapes(cases, monkeypatch):
     """The compiled path (used in training) on zero / one anchor and gt (CPU inductor)."""
-    for kernel in (*iou_kernels._KERNELS.values(), iou_kernels._FINALIZE):
+    for kernel in (
+        iou_kernels.overlap_max_kernel,
+        iou_kernels.low_quality_ties_kernel,
+        iou_kernels.finalize_kernel,
+    ):
         monkeypatch.setattr(kernel, 'mode', '1')
     for anchors, gts, ignore in cases:
         pred, gt, ign = _instances(ANCHORS[anchors], GTS[gts], IGNORE[ignore], 'cpu')
@@ -208,7 +212,7 @@ def test_compiled_kernels_on_degenerate_shapes(cases, monkeypatch):
             ref = MaxIoUAssigner(**ASSIGNERS[cfg]).assign(pred, gt, ign)
             got = BatchMaxIoUAssigner(**ASSIGNERS[cfg]).assign(pred, gt, ign)
             assert_assign_equal(ref, got)
-    assert iou_kernels._KERNELS['_overlap_max']._compiled is not None
+    assert iou_kernels.overlap_max_kernel._compiled is not None
 
 
 # ----------------------------------------------------------------------------- coder

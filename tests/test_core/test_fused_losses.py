@@ -82,14 +82,14 @@ def test_eager_chunks_equal_whole(monkeypatch):
 @pytest.mark.parametrize('make_cfg', [retina_cfg, rpn_cfg], ids=['focal', 'sigmoid_ce'])
 def test_compiled_kernels_match_upstream(monkeypatch, make_cfg):
     """The torch.compile path (the default outside tests) against upstream."""
-    for kernel in (sigmoid_kernels.KERNELS.loss_and_grad,):
+    for kernel in (sigmoid_kernels.loss_and_grad_kernel,):
         monkeypatch.setattr(kernel, 'mode', '1')  # compile, or raise
     cfg = make_cfg()
     upstream, plugin = build(cfg), build(to_plugin(cfg))
     batch = make_batch(upstream, 9, (5, 2), [(100, 120), (64, 90)])
     ref, ref_g = loss_and_grads(upstream, *batch)
     got, got_g = loss_and_grads(plugin, *batch)
-    for kernel in (sigmoid_kernels.KERNELS.loss_and_grad,):
+    for kernel in (sigmoid_kernels.loss_and_grad_kernel,):
         assert kernel._compiled is not None and not kernel.failed
     assert_losses_match(ref, got)
     assert_grads_match(ref_g, got_g)
@@ -111,13 +111,13 @@ def test_compiled_softmax_matches_upstream_ssd(monkeypatch):
 
     from mmdet_anchorloss.losses import softmax_levels
 
-    for kernel in (softmax_levels._LSE_AND_PROB, softmax_levels._LSE_ONLY):
+    for kernel in (softmax_levels.lse_and_prob_kernel, softmax_levels.lse_only_kernel):
         monkeypatch.setattr(kernel, 'mode', '1')
     cfg = ssd_cfg()
     upstream, plugin = build(cfg), build(to_plugin(cfg))
     batch = make_batch(upstream, 2, (3, 1), [(300, 300), (280, 300)], pad_divisor=1)
     ref, ref_g = loss_and_grads(upstream, *batch)
     got, got_g = loss_and_grads(plugin, *batch)
-    assert softmax_levels._LSE_AND_PROB._compiled is not None
+    assert softmax_levels.lse_and_prob_kernel._compiled is not None
     assert_losses_match(ref, got)
     assert_grads_match(ref_g, got_g)
