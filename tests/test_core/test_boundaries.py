@@ -579,3 +579,26 @@ def test_non_square_feature_maps(make_cfg):
     got = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0)
     assert got[0] == pytest.approx(ref[0], rel=1e-5)
     assert_grads_match(ref[1], got[1])
+
+
+@pytest.mark.parametrize(
+    'extra',
+    [
+        dict(class_weight=[1.0, 2.0, 0.5, 1.0, 3.0, 0.7]),
+        dict(ignore_index=2),
+        dict(avg_non_ignore=True),
+    ],
+    ids=['class_weight', 'ignore_index', 'avg_non_ignore'],
+)
+def test_softmax_head_with_loss_options(extra):
+    """Softmax CE options the level path cannot take go to upstream's loss, same numbers."""
+    loss_cls = dict(_replace_=1, type='CrossEntropyLoss', use_sigmoid=False, **extra)
+    cfg = retina_cfg(type='AnchorHead', loss_cls=loss_cls)
+    cfg.pop('stacked_convs')
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    batch = make_batch(upstream, 5, (5, 3), [(100, 120), (64, 90)])
+    assert any(int((g.labels == 2).sum()) for g in batch[2])  # the ignored class is present
+    ref = _weighted_loss_and_grads(upstream, batch, lambda k, i: 1.0)
+    got = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0)
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert_grads_match(ref[1], got[1])
