@@ -16,6 +16,7 @@ reported apart.
 """
 
 import argparse
+import ast
 import io
 import json
 import os
@@ -264,9 +265,36 @@ def start_tests(
     os._exit(int(code))
 
 
-def tests_for(m: 'Mutant', lines: Dict[Tuple[str, int], List[str]], order: List[str]):
-    """The node ids that execute the mutant's line, in the suite's order ([] if none)."""
-    ids = set(lines.get((m.path, m.line), []))
+def statement_lines(path: str) -> Dict[int, range]:
+    """Line -> the lines of its innermost simple statement or compound statement header.
+
+    A mutant can make a line run where it did not (``a and b`` -> ``a or b`` on the second
+    line of a condition): the tests of the whole statement are run, not only the line's.
+    """
+    out: Dict[int, range] = {}
+    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+        if not isinstance(node, ast.stmt):
+            continue
+        body = getattr(node, 'body', None)
+        last = body[0].lineno - 1 if isinstance(body, list) and body else node.end_lineno
+        span = range(node.lineno, max(node.lineno, last) + 1)
+        for line in span:
+            if line not in out or len(span) <= len(out[line]):
+                out[line] = span
+    return out
+
+
+def tests_for(
+    m: 'Mutant',
+    lines: Dict[Tuple[str, int], List[str]],
+    order: List[str],
+    spans: Dict[str, Dict[int, range]],
+):
+    """The node ids that execute the mutant's statement, in the suite's order ([] if none)."""
+    if m.path not in spans:
+        spans[m.path] = statement_lines(m.path)
+    span = spans[m.path].get(m.line, range(m.line, m.line + 1))
+    ids = {i for line in span for i in lines.get((m.path, line), [])}
     if '*' in ids:
         return list(order)
     return [t for t in order if t in ids]
@@ -345,6 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines = {(path, line): ids for path, line, ids in traced['lines']}
         reach = {i for ids in lines.values() for i in ids}
         order = [t for t in order if t in reach]
+        spans: Dict[str, Dict[int, range]] = {}
         timeout = max(60.0, 2 * base)
         print(
             f'{len(mutants)} mutants; unmutated tests pass in {base:.0f} s (traced), '
@@ -361,7 +390,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             while todo or running:
                 while todo and free:
                     m = todo.pop()
-                    selected = tests_for(m, lines, order)
+                    selected = tests_for(m, lines, order, spans)
                     if not selected:  # no test executes the line: it survives unseen
                         n += 1
                         f.write(f'{m.path}\t{m.line}\t{m.col}\t{m.old}\t{m.new}\tno test\t0\t')

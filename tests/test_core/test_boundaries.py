@@ -602,3 +602,64 @@ def test_softmax_head_with_loss_options(extra):
     got = _weighted_loss_and_grads(plugin, batch, lambda k, i: 1.0)
     assert got[0] == pytest.approx(ref[0], rel=1e-5)
     assert_grads_match(ref[1], got[1])
+
+
+@pytest.mark.parametrize('name', ['retina_focal', 'ssd_softmax'])
+def test_no_grad_losses_equal_upstream(name):
+    """Under torch.no_grad the loss-only kernels run; the values are upstream's."""
+    make_cfg, num_gts, shapes = HEADS[name]
+    cfg = make_cfg()
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    kw = dict(pad_divisor=1) if name.startswith('ssd') else {}
+    cls, reg, gts, metas, ignore = make_batch(upstream, 6, num_gts, shapes, **kw)
+    with torch.no_grad():
+        ref = upstream.loss_by_feat(cls, reg, gts, metas, ignore)
+        got = plugin.loss_by_feat(cls, reg, gts, metas, ignore)
+    for key in ref:
+        torch.testing.assert_close(
+            torch.stack(got[key]), torch.stack(ref[key]), rtol=1e-5, atol=1e-7
+        )
+    assert all(not v.requires_grad for vs in got.values() for v in vs)
+
+
+def test_random_sampler_wanting_no_positive():
+    """pos_fraction=0: upstream still draws an empty permutation of the positives."""
+    assign = _assign([(5, 30), (0, 30)], seed=1)
+    sampler = RandomSampler(num=16, pos_fraction=0.0, neg_pos_ub=-1, add_gt_as_proposals=False)
+    gts = InstanceData(bboxes=boxes([0, 0, 10, 10], [5, 5, 20, 20]), labels=torch.tensor([5, 6]))
+    priors = InstanceData(priors=torch.rand(assign.gt_inds.size(1), 4) * 10)
+    torch.manual_seed(0)
+    ref_neg, ref_avg = [], 0
+    for b in range(2):
+        res = AssignResult(2, assign.gt_inds[b], assign.max_overlaps[b], assign.labels[b])
+        sampling = sampler.sample(res, priors, gts)
+        assert len(sampling.pos_inds) == 0
+        ref_neg.append(sorted(sampling.neg_inds.tolist()))
+        ref_avg += sampling.avg_factor
+    torch.manual_seed(0)
+    pos, neg, avg = sample_batch(sampler, assign, None, [gts, gts])
+    assert not pos.any()
+    assert [n.nonzero().squeeze(1).tolist() for n in neg] == ref_neg
+    assert float(avg) == float(ref_avg)
+
+
+def test_ignored_anchor_next_to_a_perfect_match():
+    """An ignored anchor (IoU set to -1) in the chunk of a gt's IoU-1 anchor: the ties
+    recomputed on that chunk must keep it at -1. Many chunks, so only that one is redone."""
+    gt = boxes([0, 0, 10, 10])
+    far = [[200 + 20 * i, 200, 210 + 20 * i, 210] for i in range(20)]
+    anchors = boxes([0, 0, 10, 10], [100, 100, 110, 110], *far)
+    ignore = boxes([100, 100, 110, 110])
+    kw = dict(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0, ignore_iof_thr=0.5)
+    gts = InstanceData(bboxes=gt, labels=torch.tensor([0]))
+    ref = MaxIoUAssigner(**kw).assign(
+        InstanceData(priors=anchors), gts, InstanceData(bboxes=ignore)
+    )
+    got = BatchMaxIoUAssigner(max_chunk_elems=2, **kw).assign_batch(
+        anchors,
+        torch.ones(1, len(anchors), dtype=torch.bool),
+        pad_instances([gts], 'cpu'),
+        pad_instances([InstanceData(bboxes=ignore)], 'cpu', with_labels=False),
+    )
+    assert got.gt_inds[0].tolist() == ref.gt_inds.tolist()
+    assert ref.gt_inds[:3].tolist() == [1, -1, 0]  # the gt's anchor, the ignored one, far
