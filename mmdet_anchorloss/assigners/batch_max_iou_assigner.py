@@ -11,7 +11,13 @@ from torch import Tensor
 from ..registry import register_twin
 from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
 from ..sync_policy import avoid_host_sync
-from .iou_kernels import chunk_ties, finalize_assignment, low_quality_ties, overlap_max
+from .iou_kernels import (
+    chunk_ties,
+    finalize_assignment,
+    low_quality_ties,
+    low_quality_ties_kernel,
+    overlap_max,
+)
 
 
 @register_twin('MaxIoUAssigner', 'TASK_UTILS')
@@ -163,10 +169,13 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         every_chunk = ties is not low_quality_ties or len(bounds) == 1 or avoid_host_sync(need)
         if not every_chunk:
             c, b, g = need.nonzero(as_tuple=True)  # one host sync
-            every_chunk = 2 * len(c) > need.numel()
+            # Gathering the pairs runs eagerly (about ten passes over each pair's anchors);
+            # the full pass is one fused pass per chunk when compiled.
+            ratio = 8 if low_quality_ties_kernel.wants_compiled(need.device) else 2
+            every_chunk = ratio * len(c) > need.numel()
         if every_chunk:
-            # other calculator, one chunk, no host sync wanted (CUDA), or most (chunk, gt)
-            # pairs needed: the fused pass over every chunk is cheaper than gathering pairs
+            # other calculator, one chunk, no host sync wanted (CUDA), or enough (chunk, gt)
+            # pairs needed that the full pass over every chunk is cheaper than the pairs
             return torch.cat(
                 [
                     ties(
