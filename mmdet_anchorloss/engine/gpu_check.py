@@ -126,9 +126,10 @@ def step_compare(out: Path, run: Callable, iters: int) -> dict:
     ]
     result = run(cmd, out / 'compare.log')
     report = work_dir / 'report.json'
-    sides = {}
+    sides, verdict = {}, None
     if report.is_file():
         summary = json.loads(report.read_text())
+        verdict = summary.get('verdict')  # with --seeds >= 3 (tools/compare_upstream.py)
         for side in ('plugin', 'upstream'):
             data = summary.get(side) or {}
             sides[side] = dict(
@@ -138,7 +139,9 @@ def step_compare(out: Path, run: Callable, iters: int) -> dict:
                 sec_per_iter=data.get('sec_per_iter'),
                 peak_mem_mb=data.get('peak_mem_mb'),
             )
-    result.update(config=COMPARE_CONFIG, iters=iters, work_dir=str(work_dir), sides=sides)
+    result.update(
+        config=COMPARE_CONFIG, iters=iters, work_dir=str(work_dir), sides=sides, verdict=verdict
+    )
     result['ok'] = result['rc'] == 0 and len(sides) == 2
     return result
 
@@ -189,6 +192,8 @@ def render_markdown(report: dict) -> str:
                 f'{_fmt(data["first_iter_loss"], ".6f")} | {_fmt(data["sec_per_iter"], ".4f")} '
                 f'| {_fmt(data["peak_mem_mb"], ".0f")} |'
             )
+        if compare.get('verdict'):
+            lines.append(f'\nVerdict of the comparison: {compare["verdict"]}')
         lines.append(f'\nFull report: `{compare["work_dir"]}/report.md`')
     bench = steps.get('benchmark')
     if bench and bench.get('table_md'):
