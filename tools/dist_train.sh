@@ -28,7 +28,7 @@ if [ "$GPUS" -gt 0 ]; then
     echo "$0: NUM_PROCS=$NUM_PROCS but torch sees $GPUS GPU(s): one process per GPU" >&2
     exit 2
   fi
-  echo "[dist_train] $NUM_PROCS process(es) on $GPUS visible GPU(s), nccl backend"
+  echo "[dist_train] $NUM_PROCS process(es) on $GPUS visible GPU(s), nccl backend (unless the config names another)"
 else
   echo "[dist_train] no CUDA GPU: $NUM_PROCS CPU process(es), gloo backend"
 fi
