@@ -142,6 +142,25 @@ def use_triton(x: Tensor) -> bool:
     return loaded is not None and loaded.usable(x)
 
 
+def _triton_forward(ctx, labels, coef, params, num_base_priors, levels) -> Tensor:
+    """``SigmoidLevelsLoss.forward`` through ``triton_kernels.sigmoid_level_loss``: one
+    kernel per level, each logit read once, each gradient written once."""
+    kernels = triton_module()
+    want_grad = any(ctx.needs_input_grad[6:])
+    coef, labels = coef.float().contiguous(), labels.contiguous()
+    totals, grads, start = [], [], 0
+    for x, a in zip(levels, num_base_priors):
+        total, grad = kernels.sigmoid_level_loss(
+            x, coef, labels, start, a, *params, want_grad=want_grad
+        )
+        totals.append(total)
+        grads.append(grad)
+        start += a * x.size(2) * x.size(3)
+    if want_grad:
+        ctx.grads = grads
+    return torch.stack(totals)
+
+
 class SigmoidLevelsLoss(torch.autograd.Function):
     """Per-level totals (L,) of a scaled, weighted sigmoid focal / BCE loss.
 
@@ -163,22 +182,18 @@ class SigmoidLevelsLoss(torch.autograd.Function):
         *levels: Tensor,
     ) -> Tensor:
         gamma, alpha_pos, alpha_neg = params
+        want_grad = any(ctx.needs_input_grad[6:])
+        if use_triton(levels[0]):  # targets read from the labels: no positive to correct
+            return _triton_forward(ctx, labels, weights * scale, params, num_base_priors, levels)
         x4s = [class_planes(x, a) for x, a in zip(levels, num_base_priors)]
         shapes = [tuple(x.shape) for x in x4s]
         level_sizes = [s[1] * s[3] for s in shapes]
         coef = (weights * scale).float()  # (B, N)
-        want_grad = any(ctx.needs_input_grad[6:])
         totals, grads = [], []
         # One fused kernel per level (levels differ in shape; no host sync between them).
         for x4, c in zip(x4s, coef.split(level_sizes, dim=1)):
             c4 = anchor_planes(c, x4.shape).contiguous()  # so the gradient comes out contiguous
-            if use_triton(x4):
-                total, grad = triton_module().sigmoid_loss_and_grad(
-                    x4, c4, gamma, alpha_neg, want_grad
-                )
-                if want_grad:
-                    grads.append(grad)
-            elif want_grad:
+            if want_grad:
                 total, grad = loss_and_grad_kernel(x4, c4, gamma, alpha_neg)
                 grads.append(grad.contiguous())  # a no-op unless the compiler chose strides
             else:

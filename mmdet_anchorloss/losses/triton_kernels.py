@@ -2,14 +2,14 @@
 
 Why not the compiled graph: inductor turns ``_loss_and_grad``'s sum over a (B, A, C, S)
 map into a reduction kernel whose reduction axis is not the contiguous one; on an H100 it
-ran at about 70 GB/s. These kernels instead walk each map as one flat, contiguous array:
+ran at about 70 GB/s. These kernels instead walk each map along its contiguous H x W axis:
 every program reads a block of logits once, writes their gradient once, and leaves one
 partial sum; a cheap ``sum`` over the partials finishes the total.
 
-- ``sigmoid_loss_and_grad``: sigmoid focal / binary cross-entropy, target-0 term (the
-  target-1 entries are corrected on a gathered vector by the caller, see
-  ``sigmoid_kernels``). Half-precision maps are read as half, computed in float32 and the
-  gradient is written in the map's dtype.
+- ``sigmoid_level_loss``: sigmoid focal / binary cross-entropy of one level map, the target
+  of each entry (1 where the class is the anchor's label) decided in the kernel from the
+  (B, N) labels, so nothing is gathered or corrected afterwards. Half-precision maps are
+  read as half, computed in float32 and the gradient is written in the map's dtype.
 - ``softmax_ce_forward`` / ``softmax_ce_backward``: cross-entropy over the class axis of a
   (B, A, C + 1, S) map, tiles coalesced along S; the backward recomputes the softmax from
   the saved log-sum-exp instead of storing probabilities.
@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
     tl = None
 
-SIGMOID_BLOCK = 2048  # elements per program: 8 KB of fp32 logits
+SIGMOID_BLOCK_S = 1024  # locations per program of the per-level kernel (one map row)
 SOFTMAX_BLOCK_S = 32  # spatial positions per program (the class axis is a full tile)
 
 
@@ -45,7 +45,7 @@ def available() -> bool:
 def interpreted() -> bool:
     """True when this module's kernels were built by Triton's CPU interpreter (the tests set
     ``TRITON_INTERPRET=1`` and load this module anew)."""
-    return available() and type(_sigmoid_neg_kernel).__name__ == 'InterpretedFunction'
+    return available() and type(_sigmoid_level_kernel).__name__ == 'InterpretedFunction'
 
 
 def usable(x: Tensor) -> bool:
@@ -58,18 +58,6 @@ def usable(x: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _softplus_sigmoid(x):
-        """sigmoid(x) and softplus(x) from one exp; log1p without libdevice (Goldberg)."""
-        e = tl.exp(-tl.abs(x))
-        u = 1.0 + e
-        inv = 1.0 / u
-        p = tl.where(x >= 0, inv, e * inv)
-        # log1p(e) = log(u) * e / (u - 1), exact where u rounds to 1 (e tiny)
-        lg = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-        sp = tl.maximum(x, 0.0) + lg
-        return p, sp
-
-    @triton.jit
     def _power(p, gamma, GAMMA_MODE: tl.constexpr):
         if GAMMA_MODE == 0:  # gamma == 0 (binary cross-entropy)
             return tl.full(p.shape, 1.0, tl.float32)
@@ -79,32 +67,62 @@ if triton is not None:
             return tl.where(p > 0, tl.exp(gamma * tl.log(p)), 0.0)
 
     @triton.jit
-    def _sigmoid_neg_kernel(
+    def _sigmoid_level_kernel(
         x_ptr,
         coef_ptr,
+        label_ptr,
         grad_ptr,
         partial_ptr,
-        numel,
-        CS,
         S,
+        N,
+        level_start,
         gamma,
+        alpha_pos,
         alpha_neg,
+        A: tl.constexpr,
+        C: tl.constexpr,
         GAMMA_MODE: tl.constexpr,
         WANT_GRAD: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
+        """One row (b, a, c) of a level map, BLOCK_S locations: target 0 or 1 by label."""
+        row = tl.program_id(1)  # (b * A + a) * C + c
+        c = row % C
+        a = (row // C) % A
+        b = row // (C * A)
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = s < S
+        offs = row.to(tl.int64) * S + s
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        # element (b, a, c, s) of the map -> coefficient (b, a, s)
-        coef = tl.load(coef_ptr + (offs // CS) * S + offs % S, mask=mask, other=0.0)
-        p, sp = _softplus_sigmoid(x)
-        pg = _power(p, gamma, GAMMA_MODE)
-        loss = alpha_neg * pg * sp * coef
-        tl.store(partial_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        anchor = b.to(tl.int64) * N + level_start + s * A + a  # (b, n), n in mmdet's order
+        coef = tl.load(coef_ptr + anchor, mask=mask, other=0.0)
+        label = tl.load(label_ptr + anchor, mask=mask, other=-1)
+        # sigmoid and softplus of x and -x from one exp; log1p(e) without libdevice as
+        # log(u) * e / (u - 1) (Goldberg), exact where u rounds to 1 (e tiny)
+        e = tl.exp(-tl.abs(x))
+        u = 1.0 + e
+        inv = 1.0 / u
+        lg = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+        pos_x = x >= 0
+        p = tl.where(pos_x, inv, e * inv)  # sigmoid(x)
+        q = tl.where(pos_x, e * inv, inv)  # sigmoid(-x)
+        sp = tl.maximum(x, 0.0) + lg  # softplus(x)
+        spn = tl.maximum(-x, 0.0) + lg  # softplus(-x)
+        target = label == c
+        # target 1: alpha_pos q^g softplus(-x); target 0: alpha_neg p^g softplus(x)
+        base = tl.where(target, q, p)
+        soft = tl.where(target, spn, sp)
+        alpha = tl.where(target, alpha_pos, alpha_neg)
+        pg = _power(base, gamma, GAMMA_MODE)
+        loss = alpha * pg * soft * coef
+        tl.store(
+            partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
+            tl.sum(tl.where(mask, loss, 0.0), axis=0),
+        )
         if WANT_GRAD:
-            grad = coef * (alpha_neg * pg * (gamma * (1.0 - p) * sp + p))
+            # d/dx: target 0: +alpha p^g (g (1-p) sp + p); target 1: -alpha q^g (g (1-q) spn + q)
+            sign = tl.where(target, -1.0, 1.0)
+            grad = coef * sign * alpha * pg * (gamma * (1.0 - base) * soft + base)
             tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -166,41 +184,59 @@ def _gamma_mode(gamma: float) -> int:
     return 0 if gamma == 0.0 else 2 if gamma == 2.0 else 1
 
 
-def sigmoid_loss_and_grad(
-    x4: Tensor, coef4: Tensor, gamma: float, alpha_neg: float, want_grad: bool = True
+def sigmoid_level_loss(
+    x: Tensor,
+    coef: Tensor,
+    labels: Tensor,
+    level_start: int,
+    num_base: int,
+    gamma: float,
+    alpha_pos: float,
+    alpha_neg: float,
+    want_grad: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Target-0 sigmoid focal / BCE loss total and its gradient, one pass over the map.
+    """Sigmoid focal / BCE loss of one level map, targets from the labels, in one pass.
+
+    Every logit is read once and its gradient written once; the per-anchor weight and label
+    are read from the (B, N) tensors of all levels in mmdet's anchor order, so nothing is
+    permuted, copied or gathered, and no positive needs correcting afterwards.
 
     Args:
-        x4 (Tensor): (B, A, C, S) contiguous logits (float32, float16 or bfloat16).
-        coef4 (Tensor): (B, A, 1, S) per-anchor weight times the loss scale.
-        gamma, alpha_neg (float): focal parameters (gamma 0, alpha 1 for BCE).
+        x (Tensor): (B, A * C, H, W) logits of the level (float32, float16 or bfloat16).
+        coef (Tensor): (B, N) float32, per-anchor weight times the loss scale, all levels.
+        labels (Tensor): (B, N) long in [0, C]; C is background.
+        level_start (int): index of this level's first anchor in N.
+        num_base (int): A, anchors per location.
+        gamma, alpha_pos, alpha_neg (float): focal parameters (0, 1, 1 for BCE).
         want_grad (bool): also write the gradient.
 
     Returns:
-        tuple[Tensor, Tensor | None]: () float32 total of ``coef4 * loss``; (B, A, C, S)
-        gradient in ``x4``'s dtype, or None.
+        tuple[Tensor, Tensor | None]: () float32 total; (B, A * C, H, W) gradient in ``x``'s
+        dtype, or None.
     """
-    B, A, C, S = x4.shape
-    x = x4.contiguous()
-    coef = coef4.reshape(B * A, S).float().contiguous()
-    numel = x.numel()
-    grid = (max(1, triton.cdiv(numel, SIGMOID_BLOCK)),)
-    partial = torch.empty(grid[0], dtype=torch.float32, device=x.device)
-    grad = torch.empty_like(x) if want_grad else partial  # a dummy pointer when unused
-    _sigmoid_neg_kernel[grid](
+    B, AC, H, W = x.shape
+    S = H * W
+    x = x.contiguous()
+    grid = (triton.cdiv(S, SIGMOID_BLOCK_S), B * AC)
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
+    grad = torch.empty_like(x) if want_grad else partial
+    _sigmoid_level_kernel[grid](
         x,
         coef,
+        labels,
         grad,
         partial,
-        numel,
-        C * S,
         S,
+        coef.size(1),
+        level_start,
         float(gamma),
+        float(alpha_pos),
         float(alpha_neg),
+        A=num_base,
+        C=AC // num_base,
         GAMMA_MODE=_gamma_mode(float(gamma)),
         WANT_GRAD=want_grad,
-        BLOCK=SIGMOID_BLOCK,
+        BLOCK_S=SIGMOID_BLOCK_S,
     )
     return partial.sum(), (grad if want_grad else None)
 

@@ -81,32 +81,56 @@ def _spy(module, monkeypatch, *names):
     return calls
 
 
+def _reference(maps, num_base, labels, weights, scale, params, monkeypatch):
+    """The torch kernels' (L,) totals and gradients (Triton switched off)."""
+    monkeypatch.setenv('MMDET_ANCHORLOSS_TRITON', '0')
+    leaves = [m.detach().clone().requires_grad_() for m in maps]
+    totals = sigmoid_kernels.sigmoid_level_losses(leaves, num_base, labels, weights, scale, *params)
+    (totals * torch.arange(1.0, len(maps) + 1, device=DEVICE)).sum().backward()
+    monkeypatch.delenv('MMDET_ANCHORLOSS_TRITON')
+    return totals.detach(), [x.grad for x in leaves]
+
+
 @needs_kernels
-@pytest.mark.parametrize('gamma,alpha_neg', [(2.0, 0.75), (0.0, 1.0), (1.5, 0.6)])
+@pytest.mark.parametrize('params', [(2.0, 0.25, 0.75), (0.0, 1.0, 1.0), (1.5, 0.4, 0.6)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-def test_sigmoid_kernel_matches_torch_kernel(tk, gamma, alpha_neg, dtype):
+def test_sigmoid_level_kernel_matches_torch_kernels(tk, monkeypatch, params, dtype):
+    """Two levels (the second starts mid-N), ragged blocks, both targets, weighted sum."""
     gen = torch.Generator().manual_seed(0)
-    # ragged sizes: the flat blocks end mid-row and mid-map
-    x = (torch.randn(2, 3, 7, 45, generator=gen) * 6).to(DEVICE, dtype)
-    x.view(-1)[:4] = torch.tensor([-30.0, 30.0, 0.0, -90.0])  # tails of sigmoid / softplus
-    coef = torch.rand(2, 3, 1, 45, generator=gen).to(DEVICE)
-    ref_total, ref_grad = sigmoid_kernels._loss_and_grad(x, coef, gamma, alpha_neg)
-    total, grad = tk.sigmoid_loss_and_grad(x, coef, gamma, alpha_neg)
-    assert grad.dtype == dtype and grad.shape == x.shape
-    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(grad, ref_grad, **tol)
-    only, none = tk.sigmoid_loss_and_grad(x, coef, gamma, alpha_neg, want_grad=False)
-    assert none is None
-    torch.testing.assert_close(only, ref_total, rtol=1e-5, atol=1e-6)
+    B, C, num_base = 2, 7, [3, 2]
+    maps = [
+        (torch.randn(B, a * C, h, w, generator=gen) * 6).to(DEVICE, dtype)
+        for a, (h, w) in zip(num_base, [(5, 9), (3, 4)])
+    ]
+    maps[0].view(-1)[:4] = torch.tensor([-30.0, 30.0, 0.0, -90.0])  # the functions' tails
+    N = 3 * 45 + 2 * 12
+    labels = torch.randint(0, C + 1, (B, N), generator=gen).to(DEVICE)
+    weights = torch.rand(B, N, generator=gen).to(DEVICE)
+    ref, ref_g = _reference(maps, num_base, labels, weights, 0.3, params, monkeypatch)
+    coef = (weights * 0.3).float().contiguous()
+    start = 0
+    for lvl, (x, a) in enumerate(zip(maps, num_base)):
+        total, grad = tk.sigmoid_level_loss(x, coef, labels, start, a, *params)
+        assert grad.dtype == dtype and grad.shape == x.shape
+        torch.testing.assert_close(total, ref[lvl], rtol=1e-5, atol=1e-6)
+        scale = float(ref_g[lvl].float().abs().max())  # half: 3 digits of the largest
+        tol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-3, 1e-3 * scale)
+        torch.testing.assert_close(
+            grad.float() * (lvl + 1), ref_g[lvl].float(), rtol=tol[0], atol=tol[1]
+        )
+        only, none = tk.sigmoid_level_loss(x, coef, labels, start, a, *params, want_grad=False)
+        assert none is None
+        torch.testing.assert_close(only, ref[lvl], rtol=1e-5, atol=1e-6)
+        start += a * x.size(2) * x.size(3)
 
 
 @needs_kernels
 def test_sigmoid_kernel_softplus_tail_is_not_rounded_to_zero(tk):
     """BCE of a very negative logit is exp(x), not 0 (log1p without libdevice)."""
     x = torch.full((1, 1, 1, 4), -20.0, device=DEVICE)
-    coef = torch.ones(1, 1, 1, 4, device=DEVICE)
-    total, grad = tk.sigmoid_loss_and_grad(x, coef, 0.0, 1.0)
+    coef = torch.ones(1, 4, device=DEVICE)
+    labels = torch.ones(1, 4, dtype=torch.long, device=DEVICE)  # background (C = 1)
+    total, _ = tk.sigmoid_level_loss(x, coef, labels, 0, 1, 0.0, 1.0, 1.0)
     expect = 4 * torch.nn.functional.softplus(torch.tensor(-20.0, dtype=torch.float64))
     assert abs(float(total) - float(expect)) <= 1e-6 * float(expect)
 
@@ -151,7 +175,7 @@ def test_softmax_kernels_match_torch(tk, dtype):
 )
 def test_head_through_triton_matches_upstream(tk, monkeypatch, make_cfg):
     """The whole loss, with every level's classification pass in Triton."""
-    calls = _spy(tk, monkeypatch, 'sigmoid_loss_and_grad', 'softmax_ce_forward')
+    calls = _spy(tk, monkeypatch, 'sigmoid_level_loss', 'softmax_ce_forward')
     cfg = make_cfg()
     upstream, plugin = build(cfg).to(DEVICE), build(to_plugin(cfg)).to(DEVICE)
     batch = make_batch(upstream, 5, (4, 2), [(100, 120), (64, 90)], device=DEVICE)
