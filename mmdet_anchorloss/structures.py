@@ -43,26 +43,36 @@ def pad_instances(
     """
     boxes: List[Tensor] = []
     labels: List[Tensor] = []
-    for inst in instances:
+    counts: List[int] = []
+    for i, inst in enumerate(instances):  # host side: no copy unless dtype / device differ
         if inst is None or 'bboxes' not in inst:
-            boxes.append(torch.zeros(0, 4, device=device))
-            labels.append(torch.zeros(0, dtype=torch.long, device=device))
+            counts.append(0)
             continue
-        b = get_box_tensor(inst.bboxes).to(device=device, dtype=torch.float32).reshape(-1, 4)
+        b = get_box_tensor(inst.bboxes).to(device=device, dtype=torch.float32)
+        b = b if b.dim() == 2 else b.reshape(-1, 4)
         boxes.append(b)
+        counts.append(len(b))
         if with_labels:
-            labels.append(inst.labels.to(device=device, dtype=torch.long).reshape(-1))
+            lab = inst.labels.to(device=device, dtype=torch.long).reshape(-1)
+            if len(lab) != len(b):
+                raise ValueError(
+                    f'image {i} of the batch has {len(b)} gt boxes but {len(lab)} labels'
+                )
+            labels.append(lab)
+    B, num = len(counts), max(counts + [1])
+    # One copy of all boxes into the padded layout: row i * num + j holds box j of image i.
+    slots = [i * num + j for i, n in enumerate(counts) for j in range(n)]
+    index = torch.tensor(slots, dtype=torch.long, device=device)
+    out_boxes = torch.zeros(B * num, 4, device=device)
+    out_labels = torch.full((B * num,), -1, dtype=torch.long, device=device)
+    if slots:
+        out_boxes.index_copy_(0, index, torch.cat(boxes))
+        if with_labels:
+            out_labels.index_copy_(0, index, torch.cat(labels))
         else:
-            labels.append(torch.zeros(len(b), dtype=torch.long, device=device))
-    num = max([len(b) for b in boxes] + [1])
-    B = len(boxes)
-    out_boxes = torch.zeros(B, num, 4, device=device)
-    out_labels = torch.full((B, num), -1, dtype=torch.long, device=device)
-    mask = torch.zeros(B, num, dtype=torch.bool, device=device)
-    for i, (b, lab) in enumerate(zip(boxes, labels)):  # host-side packing of the inputs
-        out_boxes[i, : len(b)] = b
-        out_labels[i, : len(b)] = lab
-        mask[i, : len(b)] = True
+            out_labels.index_fill_(0, index, 0)
+    mask = torch.arange(num, device=device) < torch.tensor(counts, device=device)[:, None]
+    out_boxes, out_labels = out_boxes.view(B, num, 4), out_labels.view(B, num)
     return PaddedBoxes(out_boxes, out_labels, mask)
 
 
