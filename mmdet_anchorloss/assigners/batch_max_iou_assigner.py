@@ -1,6 +1,6 @@
 """MaxIoUAssigner for the whole batch: one IoU tensor, no loop over images or gts."""
 
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from mmdet.models.task_modules.assigners import AssignResult, BboxOverlaps2D, MaxIoUAssigner
@@ -8,6 +8,7 @@ from mmdet.structures.bbox import get_box_tensor
 from mmengine.structures import InstanceData
 from torch import Tensor
 
+from ..backends import triton_module, use_triton
 from ..registry import register_twin
 from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
 from ..sync_policy import avoid_host_sync
@@ -18,6 +19,23 @@ from .iou_kernels import (
     low_quality_ties_kernel,
     overlap_max,
 )
+
+
+class Overlaps(NamedTuple):
+    """IoU maxima of a batch, and how to find the anchors tied with each gt's best.
+
+    Attributes:
+        max_ov, argmax_ov (Tensor): (B, N) best IoU of each anchor and its gt.
+        gt_max, gt_argmax (Tensor): (B, G) best IoU of each gt and its first anchor.
+        ties (Callable[[Tensor], Tensor]): (B, G) bool eligible gts -> (B, N) long, 1 + the
+            highest eligible gt whose best IoU the anchor ties, else 0.
+    """
+
+    max_ov: Tensor
+    argmax_ov: Tensor
+    gt_max: Tensor
+    gt_argmax: Tensor
+    ties: Callable[[Tensor], Tensor]
 
 
 @register_twin('MaxIoUAssigner', 'TASK_UTILS')
@@ -99,42 +117,18 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         G = gts.bboxes.size(1)
         gt_mask = gts.mask
         ignored = self._ignored_anchors(anchors, ignore, B) if ignore is not None else None
-        overlap_max, ties = self._kernels()
-        # Anchor chunks bound the eager temporaries (the compiled kernels store none).
-        # Outside anchors are -inf: they never win a max and never tie with a gt's best IoU
-        # (every image has at least one inside anchor).
-        chunks = list(range(0, N, max(1, self.max_chunk_elems // max(1, B * G))))
-        bounds = [(s, chunks[i + 1] if i + 1 < len(chunks) else N) for i, s in enumerate(chunks)]
-        max_ov = anchors.new_empty(B, N)
-        argmax_ov = torch.empty(B, N, dtype=torch.long, device=device)
-        gt_max = anchors.new_full((B, G), float('-inf'))
-        gt_argmax = torch.zeros(B, G, dtype=torch.long, device=device)
-        chunk_max = []  # (B, G) best IoU of each gt within each chunk
-        for s, e in bounds:
-            m, am, c_max, c_arg = overlap_max(
-                gts.bboxes,
-                gt_mask,
-                anchors[s:e],
-                inside[:, s:e],
-                None if ignored is None else ignored[:, s:e],
-            )
-            max_ov[:, s:e], argmax_ov[:, s:e] = m, am
-            chunk_max.append(c_max)
-            better = c_max > gt_max  # strict: the first anchor of a tie wins, as in max()
-            gt_argmax = torch.where(better, c_arg + s, gt_argmax)
-            gt_max = torch.where(better, c_max, gt_max)
-
+        ov = self._overlaps(anchors, inside, gts, ignored)
+        gt_max = ov.gt_max
         low = None
         if self.match_low_quality:
             eligible = (gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
             if self.gt_max_assign_all:
-                low = self._tied_anchors(
-                    anchors, gts, ignored, gt_max, eligible, ties, inside, bounds, chunk_max
-                )
+                low = ov.ties(eligible)
             else:  # each gt claims its first best anchor; later gts overwrite earlier ones
                 low = torch.zeros(B, N, dtype=torch.long, device=device)
                 gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
-                low.scatter_reduce_(1, gt_argmax, torch.where(eligible, gt_ids, 0), 'amax')
+                low.scatter_reduce_(1, ov.gt_argmax, torch.where(eligible, gt_ids, 0), 'amax')
+        max_ov, argmax_ov = ov.max_ov, ov.argmax_ov
         if low is None:
             low = torch.zeros(B, N, dtype=torch.long, device=device)
         lo, hi = (
@@ -152,6 +146,66 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
             float(self.pos_iou_thr),
         )
         return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
+
+    def _overlaps(
+        self, anchors: Tensor, inside: Tensor, gts: PaddedBoxes, ignored: Optional[Tensor]
+    ) -> 'Overlaps':
+        """IoU maxima both ways, and the low-quality tie pass, for the whole batch.
+
+        On CUDA with Triton and the default IoU calculator: one kernel launch for the maxima
+        and one for the ties, whatever B, G and N (``triton_kernels.assign_overlaps``).
+        Elsewhere: the fused (compiled) or configured calculator in anchor chunks.
+        """
+        fused_max, ties = self._kernels()
+        if fused_max is overlap_max and use_triton(anchors):
+            kernels = triton_module()
+            max_ov, argmax_ov, gt_max, gt_argmax = kernels.assign_overlaps(
+                gts.bboxes, gts.mask, anchors, inside, ignored
+            )
+            return Overlaps(
+                max_ov,
+                argmax_ov,
+                gt_max,
+                gt_argmax,
+                lambda eligible: kernels.assign_ties(
+                    gts.bboxes, gts.mask, anchors, inside, ignored, gt_max, eligible
+                ),
+            )
+        B, N = inside.shape
+        G = gts.bboxes.size(1)
+        device = anchors.device
+        # Anchor chunks bound the eager temporaries (the compiled kernels store none).
+        # Outside anchors are -inf: they never win a max and never tie with a gt's best IoU
+        # (every image has at least one inside anchor).
+        chunks = list(range(0, N, max(1, self.max_chunk_elems // max(1, B * G))))
+        bounds = [(s, chunks[i + 1] if i + 1 < len(chunks) else N) for i, s in enumerate(chunks)]
+        max_ov = anchors.new_empty(B, N)
+        argmax_ov = torch.empty(B, N, dtype=torch.long, device=device)
+        gt_max = anchors.new_full((B, G), float('-inf'))
+        gt_argmax = torch.zeros(B, G, dtype=torch.long, device=device)
+        chunk_max = []  # (B, G) best IoU of each gt within each chunk
+        for s, e in bounds:
+            m, am, c_max, c_arg = fused_max(
+                gts.bboxes,
+                gts.mask,
+                anchors[s:e],
+                inside[:, s:e],
+                None if ignored is None else ignored[:, s:e],
+            )
+            max_ov[:, s:e], argmax_ov[:, s:e] = m, am
+            chunk_max.append(c_max)
+            better = c_max > gt_max  # strict: the first anchor of a tie wins, as in max()
+            gt_argmax = torch.where(better, c_arg + s, gt_argmax)
+            gt_max = torch.where(better, c_max, gt_max)
+        return Overlaps(
+            max_ov,
+            argmax_ov,
+            gt_max,
+            gt_argmax,
+            lambda eligible: self._tied_anchors(
+                anchors, gts, ignored, gt_max, eligible, ties, inside, bounds, chunk_max
+            ),
+        )
 
     def _tied_anchors(
         self, anchors, gts, ignored, gt_max, eligible, ties, inside, bounds, chunk_max

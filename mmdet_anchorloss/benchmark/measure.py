@@ -34,7 +34,7 @@ TOP_OPS = 15
 # (B, N) finalize step).
 CLS_KERNEL_PATTERN = re.compile(
     r'(?i)sigmoid_focal_loss|softmax_focal_loss|binary_cross_entropy|log_sigmoid'
-    r'|softmax|nll_loss|_sigmoid_neg_kernel|_softmax_ce_|^triton_'
+    r'|softmax|nll_loss|_sigmoid_level_kernel|_softmax_ce_|^triton_'
 )
 # CUDA runtime and driver calls that launch a kernel, as torch.profiler names them.
 LAUNCH_CALLS = ('cudaLaunchKernel', 'cudaLaunchKernelExC', 'cuLaunchKernel', 'cuLaunchKernelEx')

@@ -13,13 +13,12 @@ Binary cross-entropy: gamma = 0, alpha_pos = alpha_neg = 1 (``CrossEntropyLoss``
 with ``use_sigmoid=True``).
 """
 
-import os
-import sys
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ..backends import triton_module, use_triton
 from ..compile import kernel
 from ..layout import anchor_planes, class_planes, map_index, take
 from ..sync_policy import avoid_host_sync
@@ -121,25 +120,6 @@ def _eager_loss_only(x4, coef4, gamma, alpha_neg):
 # The full-size torch kernels, compiled where possible (see ``..compile``).
 loss_and_grad_kernel = kernel(_loss_and_grad, eager=_eager_loss_and_grad)
 loss_only_kernel = kernel(_loss_only, eager=_eager_loss_only)
-
-
-def triton_module():
-    """``triton_kernels``, imported on first use (triton is optional and slow to import)."""
-    from . import triton_kernels
-
-    return triton_kernels
-
-
-def use_triton(x: Tensor) -> bool:
-    """Whether ``x`` goes through the Triton kernels: on CUDA when triton imports, unless
-    ``MMDET_ANCHORLOSS_TRITON=0`` (read at each call). On CPU only when the tests have loaded
-    the kernels under Triton's interpreter."""
-    if os.environ.get('MMDET_ANCHORLOSS_TRITON', 'auto').lower() in ('0', 'false', 'off'):
-        return False
-    if x.is_cuda:
-        return triton_module().available()
-    loaded = sys.modules.get(f'{__package__}.triton_kernels')
-    return loaded is not None and loaded.usable(x)
 
 
 def _triton_forward(ctx, labels, coef, params, num_base_priors, levels) -> Tensor:

@@ -26,6 +26,7 @@ from helpers import (
     to_plugin,
 )
 
+from mmdet_anchorloss import backends
 from mmdet_anchorloss.losses import sigmoid_kernels
 
 pytest.importorskip('triton')
@@ -61,7 +62,7 @@ needs_kernels = pytest.mark.skipif(
 @pytest.fixture()
 def tk():
     """``triton_kernels`` (interpreted on CPU, compiled on CUDA)."""
-    from mmdet_anchorloss.losses import triton_kernels
+    from mmdet_anchorloss import triton_kernels
 
     assert triton_kernels.usable(torch.zeros(1, device=DEVICE))
     return triton_kernels
@@ -202,6 +203,46 @@ def test_ssd_through_triton_matches_upstream(tk, monkeypatch):
 @needs_kernels
 def test_switch_off(tk, monkeypatch):
     x = torch.zeros(1, 1, 1, 1, device=DEVICE)
-    assert sigmoid_kernels.use_triton(x)
+    assert backends.use_triton(x)
     monkeypatch.setenv('MMDET_ANCHORLOSS_TRITON', '0')
-    assert not sigmoid_kernels.use_triton(x)
+    assert not backends.use_triton(x)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    'options',
+    [
+        {},
+        dict(gt_max_assign_all=False),
+        dict(min_pos_iou=0.3, neg_iou_thr=(0.1, 0.4)),
+        dict(ignore_iof_thr=0.5),
+    ],
+    ids=['default', 'first_anchor_only', 'min_pos_iou', 'ignore'],
+)
+def test_assigner_kernels_equal_the_torch_path_bit_for_bit(tk, monkeypatch, options):
+    """Same gt_inds, labels and max_overlaps (bitwise) with duplicates, an empty image and
+    ties at every gt's best IoU; the torch path is the one the parity tests pin."""
+    from mmdet.registry import TASK_UTILS
+
+    from mmdet_anchorloss.anchors import batch_anchors
+    from mmdet_anchorloss.structures import pad_instances
+
+    head = build(to_plugin(retina_cfg()))
+    batch = make_batch(
+        head, 4, (5, 0, 3), [(100, 120), (64, 90), (96, 96)], duplicate=True, num_ignore=(1, 0, 2)
+    )
+    _, _, gts, metas, ignore = batch
+    sizes = [tuple(c.shape[-2:]) for c in batch[0]]
+    anchors = batch_anchors(head.prior_generator, sizes, metas, -1, DEVICE)
+    gts[0].bboxes[2] = anchors.anchors[700]  # an exact IoU of 1
+    padded = pad_instances(gts, DEVICE)
+    ign = pad_instances(ignore, DEVICE, with_labels=False) if 'ignore_iof_thr' in options else None
+    cfg = dict(type='BatchMaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0)
+    assigner = TASK_UTILS.build({**cfg, **options})
+    got = assigner.assign_batch(anchors.anchors, anchors.inside, padded, ign)
+    monkeypatch.setenv('MMDET_ANCHORLOSS_TRITON', '0')
+    ref = assigner.assign_batch(anchors.anchors, anchors.inside, padded, ign)
+    assert torch.equal(got.gt_inds, ref.gt_inds)
+    assert torch.equal(got.labels, ref.labels)
+    assert torch.equal(got.max_overlaps, ref.max_overlaps)
+    assert (ref.gt_inds > 0).any() and (ref.gt_inds == 0).any()

@@ -21,6 +21,7 @@ interpreter: that is how the tests check their numbers without a GPU. The module
 imported on first use on CUDA (``sigmoid_kernels.triton_module``), never at package import.
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -34,6 +35,11 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     tl = None
 
 SIGMOID_BLOCK_S = 1024  # locations per program of the per-level kernel (one map row)
+ASSIGN_BLOCK = 256  # anchors per program of the assignment kernels
+IOU_EPS = 1e-6  # bbox_overlaps' default
+# The IoU must equal upstream's eager ``bbox_overlaps`` bit for bit, so no a*b+c is fused
+# into an FMA (the interpreter has no such option, and needs none: numpy rounds every op).
+_EXACT = {} if os.environ.get('TRITON_INTERPRET') == '1' else {'enable_fp_fusion': False}
 SOFTMAX_BLOCK_S = 32  # spatial positions per program (the class axis is a full tile)
 
 
@@ -124,6 +130,120 @@ if triton is not None:
             sign = tl.where(target, -1.0, 1.0)
             grad = coef * sign * alpha * pg * (gamma * (1.0 - base) * soft + base)
             tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _iou(gx1, gy1, gx2, gy2, ax1, ay1, ax2, ay2, eps):
+        """IoU of one gt with a block of anchors, in ``bbox_overlaps``'s order of operations."""
+        area_g = (gx2 - gx1) * (gy2 - gy1)
+        area_a = (ax2 - ax1) * (ay2 - ay1)
+        w = tl.minimum(gx2, ax2) - tl.maximum(gx1, ax1)
+        h = tl.minimum(gy2, ay2) - tl.maximum(gy1, ay1)
+        overlap = tl.maximum(w, 0.0) * tl.maximum(h, 0.0)
+        union = (area_g + area_a) - overlap
+        return overlap / tl.maximum(union, eps)
+
+    @triton.jit
+    def _assign_max_kernel(
+        gt_ptr,
+        gt_mask_ptr,
+        anchor_ptr,
+        inside_ptr,
+        ignored_ptr,
+        max_ptr,
+        argmax_ptr,
+        block_max_ptr,
+        block_arg_ptr,
+        N,
+        G,
+        eps,
+        HAS_IGNORED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One image, BLOCK anchors, every gt: each anchor's best IoU and gt; each gt's
+        best IoU and first anchor within the block."""
+        b = tl.program_id(1)
+        blk = tl.program_id(0)
+        n = blk * BLOCK + tl.arange(0, BLOCK)
+        ok = n < N
+        ax1 = tl.load(anchor_ptr + n * 4, mask=ok, other=0.0)
+        ay1 = tl.load(anchor_ptr + n * 4 + 1, mask=ok, other=0.0)
+        ax2 = tl.load(anchor_ptr + n * 4 + 2, mask=ok, other=0.0)
+        ay2 = tl.load(anchor_ptr + n * 4 + 3, mask=ok, other=0.0)
+        row = b.to(tl.int64) * N + n
+        inside = tl.load(inside_ptr + row, mask=ok, other=0) != 0
+        if HAS_IGNORED:
+            ignored = tl.load(ignored_ptr + row, mask=ok, other=0) != 0
+        best = tl.full((BLOCK,), float('-inf'), tl.float32)
+        best_gt = tl.zeros((BLOCK,), tl.int64)
+        nblocks = tl.num_programs(0)
+        for g in range(0, G):
+            gbase = (b.to(tl.int64) * G + g) * 4
+            gx1 = tl.load(gt_ptr + gbase)
+            gy1 = tl.load(gt_ptr + gbase + 1)
+            gx2 = tl.load(gt_ptr + gbase + 2)
+            gy2 = tl.load(gt_ptr + gbase + 3)
+            real = tl.load(gt_mask_ptr + b.to(tl.int64) * G + g) != 0
+            ov = _iou(gx1, gy1, gx2, gy2, ax1, ay1, ax2, ay2, eps)
+            if HAS_IGNORED:
+                ov = tl.where(ignored, -1.0, ov)
+            ov = tl.where(inside & real & ok, ov, float('-inf'))
+            better = ov > best  # strict: the first gt of a tie keeps the anchor, as max()
+            best_gt = tl.where(better, g, best_gt)
+            best = tl.where(better, ov, best)
+            # this gt's best anchor in the block: the first one reaching the block's max
+            m = tl.max(ov, axis=0)
+            first = tl.min(tl.where(ov == m, n, N + BLOCK), axis=0)
+            slot = (b.to(tl.int64) * G + g) * nblocks + blk
+            tl.store(block_max_ptr + slot, m)
+            tl.store(block_arg_ptr + slot, first.to(tl.int64))
+        tl.store(max_ptr + row, best, mask=ok)
+        tl.store(argmax_ptr + row, best_gt, mask=ok)
+
+    @triton.jit
+    def _assign_ties_kernel(
+        gt_ptr,
+        gt_mask_ptr,
+        anchor_ptr,
+        inside_ptr,
+        ignored_ptr,
+        gt_max_ptr,
+        eligible_ptr,
+        low_ptr,
+        N,
+        G,
+        eps,
+        HAS_IGNORED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """1 + the highest eligible gt whose best IoU each anchor ties, else 0 (upstream
+        loops over gts and later gts overwrite earlier ones)."""
+        b = tl.program_id(1)
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = n < N
+        ax1 = tl.load(anchor_ptr + n * 4, mask=ok, other=0.0)
+        ay1 = tl.load(anchor_ptr + n * 4 + 1, mask=ok, other=0.0)
+        ax2 = tl.load(anchor_ptr + n * 4 + 2, mask=ok, other=0.0)
+        ay2 = tl.load(anchor_ptr + n * 4 + 3, mask=ok, other=0.0)
+        row = b.to(tl.int64) * N + n
+        inside = tl.load(inside_ptr + row, mask=ok, other=0) != 0
+        if HAS_IGNORED:
+            ignored = tl.load(ignored_ptr + row, mask=ok, other=0) != 0
+        low = tl.zeros((BLOCK,), tl.int64)
+        for g in range(0, G):
+            gi = b.to(tl.int64) * G + g
+            gx1 = tl.load(gt_ptr + gi * 4)
+            gy1 = tl.load(gt_ptr + gi * 4 + 1)
+            gx2 = tl.load(gt_ptr + gi * 4 + 2)
+            gy2 = tl.load(gt_ptr + gi * 4 + 3)
+            real = tl.load(gt_mask_ptr + gi) != 0
+            wanted = tl.load(eligible_ptr + gi) != 0
+            target = tl.load(gt_max_ptr + gi)
+            ov = _iou(gx1, gy1, gx2, gy2, ax1, ay1, ax2, ay2, eps)
+            if HAS_IGNORED:
+                ov = tl.where(ignored, -1.0, ov)
+            tie = (ov == target) & inside & real & wanted & ok
+            low = tl.where(tie, g + 1, low)
+        tl.store(low_ptr + row, low, mask=ok)
 
     @triton.jit
     def _softmax_ce_fwd_kernel(
@@ -239,6 +359,85 @@ def sigmoid_level_loss(
         BLOCK_S=SIGMOID_BLOCK_S,
     )
     return partial.sum(), (grad if want_grad else None)
+
+
+def _assign_args(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor, ignored):
+    B, G = gt_mask.shape
+    N = anchors.size(0)
+    has_ignored = ignored is not None
+    return (
+        gts.float().contiguous(),
+        gt_mask.to(torch.int8).contiguous(),
+        anchors.float().contiguous(),
+        inside.to(torch.int8).contiguous(),
+        ignored.to(torch.int8).contiguous() if has_ignored else inside.to(torch.int8),
+    ), (B, G, N, has_ignored)
+
+
+def assign_overlaps(
+    gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor, ignored: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The IoU maxima of ``BatchMaxIoUAssigner`` in one launch: no (B, G, N) matrix.
+
+    Args:
+        gts (Tensor): (B, G, 4) padded gts. gt_mask (Tensor): (B, G) bool.
+        anchors (Tensor): (N, 4). inside (Tensor): (B, N) bool.
+        ignored (Tensor, optional): (B, N) bool, anchors covered by an ignore box (IoU -1).
+
+    Returns:
+        tuple: max_ov (B, N) float, argmax_ov (B, N) long; gt_max (B, G) float and
+        gt_argmax (B, G) long (the first anchor reaching it).
+    """
+    args, (B, G, N, has_ignored) = _assign_args(gts, gt_mask, anchors, inside, ignored)
+    grid = (triton.cdiv(N, ASSIGN_BLOCK), B)
+    max_ov = torch.empty(B, N, dtype=torch.float32, device=anchors.device)
+    argmax_ov = torch.empty(B, N, dtype=torch.long, device=anchors.device)
+    block_max = torch.empty(B, G, grid[0], dtype=torch.float32, device=anchors.device)
+    block_arg = torch.empty(B, G, grid[0], dtype=torch.long, device=anchors.device)
+    _assign_max_kernel[grid](
+        *args,
+        max_ov,
+        argmax_ov,
+        block_max,
+        block_arg,
+        N,
+        G,
+        IOU_EPS,
+        HAS_IGNORED=has_ignored,
+        BLOCK=ASSIGN_BLOCK,
+        **_EXACT,
+    )
+    gt_max = block_max.amax(dim=2)
+    first_block = (block_max == gt_max[..., None]).to(torch.int8).argmax(dim=2, keepdim=True)
+    gt_argmax = block_arg.gather(2, first_block).squeeze(2)
+    return max_ov, argmax_ov, gt_max, gt_argmax
+
+
+def assign_ties(
+    gts: Tensor,
+    gt_mask: Tensor,
+    anchors: Tensor,
+    inside: Tensor,
+    ignored: Optional[Tensor],
+    gt_max: Tensor,
+    eligible: Tensor,
+) -> Tensor:
+    """(B, N) long: 1 + the highest eligible gt whose best IoU ``gt_max`` the anchor ties."""
+    args, (B, G, N, has_ignored) = _assign_args(gts, gt_mask, anchors, inside, ignored)
+    low = torch.empty(B, N, dtype=torch.long, device=anchors.device)
+    _assign_ties_kernel[(triton.cdiv(N, ASSIGN_BLOCK), B)](
+        *args,
+        gt_max.float().contiguous(),
+        eligible.to(torch.int8).contiguous(),
+        low,
+        N,
+        G,
+        IOU_EPS,
+        HAS_IGNORED=has_ignored,
+        BLOCK=ASSIGN_BLOCK,
+        **_EXACT,
+    )
+    return low
 
 
 def softmax_ce_forward(x4: Tensor, labels4: Tensor) -> Tuple[Tensor, Tensor]:
