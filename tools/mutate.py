@@ -35,13 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = (
     'mmdet_anchorloss/assigners/batch_max_iou_assigner.py',
-    'mmdet_anchorloss/assigners/iou_kernels.py',
-    'mmdet_anchorloss/targets.py',
-    'mmdet_anchorloss/losses/sigmoid_kernels.py',
-    'mmdet_anchorloss/losses/softmax_levels.py',
+    'mmdet_anchorloss/core/assign.py',
+    'mmdet_anchorloss/core/sampling.py',
+    'mmdet_anchorloss/core/targets.py',
+    'mmdet_anchorloss/core/layout.py',
+    'mmdet_anchorloss/core/reduce.py',
+    'mmdet_anchorloss/kernels/iou.py',
+    'mmdet_anchorloss/kernels/sigmoid.py',
+    'mmdet_anchorloss/kernels/softmax.py',
     'mmdet_anchorloss/losses/fused_focal_loss.py',
     'mmdet_anchorloss/losses/fused_cross_entropy_loss.py',
-    'mmdet_anchorloss/losses/level_reduce.py',
 )
 
 # The fast parity tests. The compiled-kernel tests are left out: the package runs eagerly

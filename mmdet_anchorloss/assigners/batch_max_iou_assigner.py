@@ -1,6 +1,6 @@
 """MaxIoUAssigner for the whole batch: one IoU tensor, no loop over images or gts."""
 
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from mmdet.models.task_modules.assigners import AssignResult, BboxOverlaps2D, MaxIoUAssigner
@@ -8,17 +8,17 @@ from mmdet.structures.bbox import get_box_tensor
 from mmengine.structures import InstanceData
 from torch import Tensor
 
-from ..backends import triton_module, use_triton
-from ..registry import register_twin
-from ..structures import BatchAssignResult, PaddedBoxes, pad_instances
-from ..sync_policy import avoid_host_sync
-from .iou_kernels import (
+from ..core.structures import BatchAssignResult, PaddedBoxes, pad_instances
+from ..kernels.backends import triton_module, use_triton
+from ..kernels.iou import (
     chunk_ties,
     finalize_assignment,
     low_quality_ties,
     low_quality_ties_kernel,
     overlap_max,
 )
+from ..kernels.sync_policy import avoid_host_sync
+from ..registry import register_twin
 
 
 class Overlaps(NamedTuple):
@@ -300,25 +300,3 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 iof = self.iou_calculator(ignore.bboxes, a, mode='iof').amax(dim=1)
             out.append(iof > self.ignore_iof_thr)
         return torch.cat(out, dim=1)
-
-
-def assign_result_of(
-    result: BatchAssignResult, index: int, inside: Optional[Tensor] = None
-) -> Tuple[AssignResult, Tensor]:
-    """mmdet ``AssignResult`` of one image, restricted to its inside anchors.
-
-    Returns:
-        tuple[AssignResult, Tensor]: the result and the (M,) indices of the anchors kept.
-    """
-    keep = (
-        inside[index].nonzero().squeeze(1)
-        if inside is not None
-        else torch.arange(result.gt_inds.size(1), device=result.gt_inds.device)
-    )
-    num_gts = int(result.num_gts[index])
-    return AssignResult(
-        num_gts=num_gts,
-        gt_inds=result.gt_inds[index, keep],
-        max_overlaps=result.max_overlaps[index, keep],
-        labels=result.labels[index, keep],
-    ), keep

@@ -7,7 +7,7 @@ from mmdet.models.dense_heads import SSDHead
 from mmdet.models.losses import SmoothL1Loss
 from torch import Tensor
 
-from ..losses.softmax_levels import softmax_cross_entropy_rows
+from ..kernels.softmax import softmax_cross_entropy_rows
 from ..registry import register_twin
 from .batched_loss import BatchedAnchorLossMixin, LossInputs
 

@@ -15,13 +15,14 @@ from mmengine.logging import MessageHub
 from mmengine.structures import InstanceData
 from torch import Tensor
 
-from ..anchors import BatchAnchors, batch_anchors
-from ..diagnostics.assignment_stats import batch_assign_stats
-from ..layout import gather_anchor_rows, levels_to_rows
-from ..losses.level_reduce import normalise, rows_of, segment_sum
-from ..structures import PaddedBoxes, SampledTargets, pad_instances
-from ..targets import assign_batch, build_targets, decode_boxes, sample_batch
-from ..validation import (
+from ..core.anchors import BatchAnchors, batch_anchors
+from ..core.assign import assign_batch
+from ..core.layout import gather_anchor_rows, levels_to_rows
+from ..core.reduce import normalise, rows_of, segment_sum
+from ..core.sampling import sample_batch
+from ..core.structures import PaddedBoxes, SampledTargets, pad_instances
+from ..core.targets import TargetOptions, build_targets, decode_boxes
+from ..core.validation import (
     check_batch_lengths,
     check_finite_predictions,
     check_predictions,
@@ -29,6 +30,7 @@ from ..validation import (
     gt_problems,
     raise_gt_error,
 )
+from ..diagnostics.assignment_stats import batch_assign_stats
 
 
 class LossInputs(NamedTuple):
@@ -176,8 +178,14 @@ class BatchedAnchorLossMixin:
             read += [stats.pos_per_level.float(), stats.num_gts.view(1).float()]
             read += [stats.num_gts_without_pos.view(1).float()]
         num_pos, *stat_values = torch.cat(read).tolist()
+        options = TargetOptions(
+            self.num_classes,
+            self.train_cfg['pos_weight'],
+            self.reg_decoded_bbox,
+            self.bbox_coder,
+        )
         targets = build_targets(
-            self, anchors, gts, assign, pos, neg, avg_factor, num_pos=int(num_pos)
+            options, anchors, gts, assign, pos, neg, avg_factor, num_pos=int(num_pos)
         )
         stats = assign_log_values(stat_values, len(batch_img_metas)) if stat_values else None
         return LossInputs(anchors, gts, targets, stats)

@@ -6,10 +6,10 @@ import torch
 from mmdet.models.losses import CrossEntropyLoss
 from torch import Tensor
 
+from ..core.reduce import normalise
+from ..kernels.softmax import softmax_cross_entropy_rows
 from ..registry import register_twin
 from .fused_focal_loss import FusedSigmoidMixin
-from .level_reduce import normalise
-from .softmax_levels import softmax_cross_entropy_rows
 
 
 @register_twin('CrossEntropyLoss')

@@ -5,9 +5,9 @@ from typing import Optional, Sequence, Tuple
 from mmdet.models.losses import FocalLoss
 from torch import Tensor
 
+from ..core.reduce import AVG_FACTOR_EPS
+from ..kernels.sigmoid import sigmoid_level_losses
 from ..registry import register_twin
-from .level_reduce import AVG_FACTOR_EPS
-from .sigmoid_kernels import sigmoid_level_losses
 
 
 class FusedSigmoidMixin:

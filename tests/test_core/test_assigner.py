@@ -9,8 +9,9 @@ import torch
 from mmdet.models.task_modules.assigners import BboxOverlaps2D, MaxIoUAssigner
 from mmengine.structures import InstanceData
 
-from mmdet_anchorloss.assigners import BatchMaxIoUAssigner, iou_kernels
-from mmdet_anchorloss.structures import BatchAssignResult, PaddedBoxes, pad_instances
+from mmdet_anchorloss.assigners import BatchMaxIoUAssigner
+from mmdet_anchorloss.core.structures import BatchAssignResult, PaddedBoxes, pad_instances
+from mmdet_anchorloss.kernels import iou as iou_kernels
 
 
 def boxes(*rows):
@@ -113,8 +114,9 @@ def test_chunked_compiled_and_generic_paths_agree(assign_all, monkeypatch):
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from mmdet_anchorloss.assigners import BatchMaxIoUAssigner, iou_kernels
-    from mmdet_anchorloss.structures import PaddedBoxes
+    from mmdet_anchorloss.assigners import BatchMaxIoUAssigner
+    from mmdet_anchorloss.kernels import iou as iou_kernels
+    from mmdet_anchorloss.core.structures import PaddedBoxes
     G, N = int(sys.argv[1]), int(sys.argv[2])
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(N, 4, generator=gen) * 1000

@@ -25,8 +25,8 @@ from mmdet.structures.bbox import bbox_overlaps
 from mmengine.structures import InstanceData
 
 from mmdet_anchorloss.assigners import BatchMaxIoUAssigner
-from mmdet_anchorloss.structures import BatchAssignResult, pad_instances
-from mmdet_anchorloss.targets import sample_batch
+from mmdet_anchorloss.core.sampling import sample_batch
+from mmdet_anchorloss.core.structures import BatchAssignResult, pad_instances
 
 
 def boxes(*rows):
@@ -475,10 +475,10 @@ def test_union_below_eps_like_upstream():
 
 
 def test_per_image_fallback_equals_the_batched_assigner():
-    """targets.assign_batch with upstream's MaxIoUAssigner (image by image) gives the same
+    """core.assign.assign_batch with upstream's MaxIoUAssigner (image by image) gives the same
     BatchAssignResult as BatchMaxIoUAssigner, outside anchors included."""
-    from mmdet_anchorloss.anchors import BatchAnchors
-    from mmdet_anchorloss.targets import assign_batch
+    from mmdet_anchorloss.core.anchors import BatchAnchors
+    from mmdet_anchorloss.core.assign import assign_batch
 
     anchors, gts = _grid_case(2, B=2)
     inside = torch.ones(2, len(anchors), dtype=torch.bool)

@@ -29,10 +29,11 @@ from mmdet.models.task_modules.assigners import MaxIoUAssigner
 from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
 from mmengine.structures import InstanceData
 
-from mmdet_anchorloss.assigners import BatchMaxIoUAssigner, iou_kernels
+from mmdet_anchorloss.assigners import BatchMaxIoUAssigner
 from mmdet_anchorloss.coders import BatchDeltaXYWHBBoxCoder
+from mmdet_anchorloss.core.structures import pad_instances
+from mmdet_anchorloss.kernels import iou as iou_kernels
 from mmdet_anchorloss.losses import FusedCrossEntropyLoss, FusedFocalLoss
-from mmdet_anchorloss.structures import pad_instances
 
 
 class Raised(NamedTuple):

@@ -14,7 +14,8 @@ from helpers import (
 )
 from mmdet.models.losses import CrossEntropyLoss, FocalLoss
 
-from mmdet_anchorloss.losses import FusedCrossEntropyLoss, FusedFocalLoss, sigmoid_kernels
+from mmdet_anchorloss.kernels import sigmoid as sigmoid_kernels
+from mmdet_anchorloss.losses import FusedCrossEntropyLoss, FusedFocalLoss
 
 
 def _rows(seed=0, R=300, C=7):
@@ -109,7 +110,7 @@ def test_no_grad_forward_and_grad_is_handed_over():
 def test_compiled_softmax_matches_upstream_ssd(monkeypatch):
     from helpers import ssd_cfg
 
-    from mmdet_anchorloss.losses import softmax_levels
+    from mmdet_anchorloss.kernels import softmax as softmax_levels
 
     for kernel in (softmax_levels.lse_and_prob_kernel, softmax_levels.lse_only_kernel):
         monkeypatch.setattr(kernel, 'mode', '1')

@@ -2,7 +2,7 @@
 
 import torch
 
-from mmdet_anchorloss.layout import (
+from mmdet_anchorloss.core.layout import (
     anchor_planes,
     class_planes,
     gather_anchor_rows,

@@ -157,7 +157,7 @@ def test_normalise_is_upstreams_mean_reduction_bitwise(avg_factor):
     """``sum / (avg_factor + eps)`` exactly as mmdet's ``weight_reduce_loss`` computes it."""
     from mmdet.models.losses.utils import weight_reduce_loss
 
-    from mmdet_anchorloss.losses.level_reduce import normalise
+    from mmdet_anchorloss.core.reduce import normalise
 
     loss = torch.rand(50, generator=torch.Generator().manual_seed(0)) + 0.5
     ref = weight_reduce_loss(loss, reduction='mean', avg_factor=avg_factor)

@@ -26,8 +26,8 @@ from helpers import (
     to_plugin,
 )
 
-from mmdet_anchorloss import backends
-from mmdet_anchorloss.losses import sigmoid_kernels
+from mmdet_anchorloss.kernels import backends
+from mmdet_anchorloss.kernels import sigmoid as sigmoid_kernels
 
 pytest.importorskip('triton')
 
@@ -62,7 +62,7 @@ needs_kernels = pytest.mark.skipif(
 @pytest.fixture()
 def tk():
     """``triton_kernels`` (interpreted on CPU, compiled on CUDA)."""
-    from mmdet_anchorloss import triton_kernels
+    from mmdet_anchorloss.kernels import triton_kernels
 
     assert triton_kernels.usable(torch.zeros(1, device=DEVICE))
     return triton_kernels
@@ -224,8 +224,8 @@ def test_assigner_kernels_equal_the_torch_path_bit_for_bit(tk, monkeypatch, opti
     ties at every gt's best IoU; the torch path is the one the parity tests pin."""
     from mmdet.registry import TASK_UTILS
 
-    from mmdet_anchorloss.anchors import batch_anchors
-    from mmdet_anchorloss.structures import pad_instances
+    from mmdet_anchorloss.core.anchors import batch_anchors
+    from mmdet_anchorloss.core.structures import pad_instances
 
     head = build(to_plugin(retina_cfg()))
     batch = make_batch(

@@ -16,9 +16,9 @@ from mmdet.models.dense_heads import AnchorHead, GARetinaHead, RetinaHead
 from mmdet.registry import MODELS
 
 import mmdet_anchorloss
-from mmdet_anchorloss import compile as compile_mode
 from mmdet_anchorloss.coders import BatchDeltaXYWHBBoxCoder
 from mmdet_anchorloss.heads import BatchedAnchorLossMixin, batched_twin
+from mmdet_anchorloss.kernels import compile as compile_mode
 from mmdet_anchorloss.losses import FusedFocalLoss
 
 SHAPES = [(100, 120), (64, 90)]

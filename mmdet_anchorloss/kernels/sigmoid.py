@@ -18,10 +18,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..backends import triton_module, use_triton
-from ..compile import kernel
-from ..layout import anchor_planes, class_planes, map_index, take
-from ..sync_policy import avoid_host_sync
+from ..core.layout import anchor_planes, class_planes, map_index, take
+from .backends import triton_module, use_triton
+from .compile import kernel
+from .sync_policy import avoid_host_sync
 
 _EAGER_CHUNK = 1 << 22  # elements per eager chunk: temporaries stay a few MB
 

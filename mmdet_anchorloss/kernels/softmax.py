@@ -12,9 +12,9 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..backends import triton_module, use_triton
-from ..compile import kernel
-from ..layout import anchor_planes, class_planes
+from ..core.layout import anchor_planes, class_planes
+from .backends import triton_module, use_triton
+from .compile import kernel
 
 
 def _lse_and_prob(x4: Tensor) -> Tuple[Tensor, Tensor]:

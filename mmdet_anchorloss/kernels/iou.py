@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..compile import kernel
+from .compile import kernel
 
 IOU_EPS = 1e-6  # bbox_overlaps' default
 

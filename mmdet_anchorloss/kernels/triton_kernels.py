@@ -18,7 +18,7 @@ Triton is optional (``pip install triton``, or the ``triton`` extra); without it
 CPU, the callers use the compiled / eager torch kernels. With ``TRITON_INTERPRET=1`` set
 before this module is imported, the kernels run on CPU tensors through Triton's
 interpreter: that is how the tests check their numbers without a GPU. The module is
-imported on first use on CUDA (``sigmoid_kernels.triton_module``), never at package import.
+imported on first use on CUDA (``backends.triton_module``), never at package import.
 """
 
 import os

@@ -1,0 +1,82 @@
+"""Sampling for a batch: PseudoSampler batched, RandomSampler with upstream's random stream."""
+
+from typing import Sequence
+
+import torch
+from mmdet.models.task_modules.samplers import PseudoSampler, RandomSampler
+from mmengine.structures import InstanceData
+from torch import Tensor
+
+from .anchors import BatchAnchors
+from .assign import assign_result_of
+from .structures import BatchAssignResult
+
+
+def sample_batch(
+    sampler,
+    assign: BatchAssignResult,
+    anchors: BatchAnchors,
+    batch_gt_instances: Sequence[InstanceData],
+):
+    """Sampled positive / negative masks (B, N) and the avg_factor (0-d tensor).
+
+    ``PseudoSampler`` is batched (every positive and negative; avg_factor counts
+    max(#pos, 1) per image). Other samplers run per image with upstream's own ``sample``,
+    which keeps ``RandomSampler``'s random stream identical to upstream's.
+    """
+    if isinstance(sampler, PseudoSampler):
+        pos = assign.gt_inds > 0
+        neg = assign.gt_inds == 0
+        avg_factor = pos.sum(dim=1).clamp(min=1).sum().float()
+        return pos, neg, avg_factor
+    if type(sampler) is RandomSampler and not sampler.add_gt_as_proposals:
+        return _sample_random(sampler, assign)
+    B, N = assign.gt_inds.shape
+    pos = torch.zeros(B, N, dtype=torch.bool, device=assign.gt_inds.device)
+    neg = torch.zeros_like(pos)
+    total = 0
+    for i in range(B):  # RandomSampler draws per image, in upstream's order
+        res, keep = assign_result_of(assign, i, anchors.inside)
+        sampling = sampler.sample(
+            res, InstanceData(priors=anchors.anchors[keep]), batch_gt_instances[i]
+        )
+        pos[i, keep[sampling.pos_inds]] = True
+        neg[i, keep[sampling.neg_inds]] = True
+        total += sampling.avg_factor
+    return pos, neg, torch.tensor(float(total), device=pos.device)
+
+
+def _sample_random(sampler, assign: BatchAssignResult):
+    """``RandomSampler`` for the batch, with upstream's random stream.
+
+    Upstream draws, image by image, a ``randperm`` for the positives and then one for the
+    negatives, each only when there are more candidates than wanted. The counts come back
+    in one host sync; the draws (small CPU calls) are made in the same order with the same
+    sizes; the selection itself is batched.
+    """
+    pos = assign.gt_inds > 0
+    neg = assign.gt_inds == 0
+    num_pos, num_neg = torch.stack([pos.sum(dim=1), neg.sum(dim=1)]).tolist()
+    want_pos = int(sampler.num * sampler.pos_fraction)
+    chosen_pos = torch.zeros(pos.size(0), max(num_pos + [1]), dtype=torch.bool)
+    chosen_neg = torch.zeros(pos.size(0), max(num_neg + [1]), dtype=torch.bool)
+    total = 0
+    for b in range(pos.size(0)):  # the draws must follow upstream's order: pos, neg, next image
+        got_pos = _draw(chosen_pos[b], num_pos[b], want_pos)
+        want_neg = sampler.num - got_pos
+        if sampler.neg_pos_ub >= 0:
+            want_neg = min(want_neg, int(sampler.neg_pos_ub * max(1, got_pos)))
+        got_neg = _draw(chosen_neg[b], num_neg[b], want_neg)
+        total += max(got_pos, 1) + max(got_neg, 1)
+    pos = pos & chosen_pos.to(pos.device).gather(1, (pos.cumsum(dim=1) - 1).clamp(min=0))
+    neg = neg & chosen_neg.to(neg.device).gather(1, (neg.cumsum(dim=1) - 1).clamp(min=0))
+    return pos, neg, torch.tensor(float(total), device=pos.device)
+
+
+def _draw(chosen: Tensor, count: int, want: int) -> int:
+    """Mark ``want`` of ``count`` ranks in ``chosen`` as upstream's ``random_choice``."""
+    if count > want:
+        chosen[torch.randperm(count)[: max(want, 0)]] = True
+        return max(want, 0)
+    chosen[:count] = True
+    return count
