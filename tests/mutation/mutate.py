@@ -31,7 +31,7 @@ import tokenize
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TARGETS = (
     'mmdet_anchorloss/assigners/batch_max_iou_assigner.py',
