@@ -143,6 +143,22 @@ if triton is not None:
         return overlap / tl.maximum(union, eps)
 
     @triton.jit
+    def _anchor_block(anchor_ptr, inside_ptr, ignored_ptr, b, n, N, HAS_IGNORED: tl.constexpr):
+        """Coordinates of a block of anchors, and their inside / ignored flags in image b."""
+        ok = n < N
+        ax1 = tl.load(anchor_ptr + n * 4, mask=ok, other=0.0)
+        ay1 = tl.load(anchor_ptr + n * 4 + 1, mask=ok, other=0.0)
+        ax2 = tl.load(anchor_ptr + n * 4 + 2, mask=ok, other=0.0)
+        ay2 = tl.load(anchor_ptr + n * 4 + 3, mask=ok, other=0.0)
+        row = b.to(tl.int64) * N + n
+        inside = (tl.load(inside_ptr + row, mask=ok, other=0) != 0) & ok
+        if HAS_IGNORED:
+            ignored = tl.load(ignored_ptr + row, mask=ok, other=0) != 0
+        else:
+            ignored = inside & False
+        return ax1, ay1, ax2, ay2, inside, ignored, row
+
+    @triton.jit
     def _assign_max_kernel(
         gt_ptr,
         gt_mask_ptr,
@@ -165,14 +181,9 @@ if triton is not None:
         blk = tl.program_id(0)
         n = blk * BLOCK + tl.arange(0, BLOCK)
         ok = n < N
-        ax1 = tl.load(anchor_ptr + n * 4, mask=ok, other=0.0)
-        ay1 = tl.load(anchor_ptr + n * 4 + 1, mask=ok, other=0.0)
-        ax2 = tl.load(anchor_ptr + n * 4 + 2, mask=ok, other=0.0)
-        ay2 = tl.load(anchor_ptr + n * 4 + 3, mask=ok, other=0.0)
-        row = b.to(tl.int64) * N + n
-        inside = tl.load(inside_ptr + row, mask=ok, other=0) != 0
-        if HAS_IGNORED:
-            ignored = tl.load(ignored_ptr + row, mask=ok, other=0) != 0
+        ax1, ay1, ax2, ay2, inside, ignored, row = _anchor_block(
+            anchor_ptr, inside_ptr, ignored_ptr, b, n, N, HAS_IGNORED
+        )
         best = tl.full((BLOCK,), float('-inf'), tl.float32)
         best_gt = tl.zeros((BLOCK,), tl.int64)
         nblocks = tl.num_programs(0)
@@ -219,15 +230,10 @@ if triton is not None:
         loops over gts and later gts overwrite earlier ones)."""
         b = tl.program_id(1)
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ax1, ay1, ax2, ay2, inside, ignored, row = _anchor_block(
+            anchor_ptr, inside_ptr, ignored_ptr, b, n, N, HAS_IGNORED
+        )
         ok = n < N
-        ax1 = tl.load(anchor_ptr + n * 4, mask=ok, other=0.0)
-        ay1 = tl.load(anchor_ptr + n * 4 + 1, mask=ok, other=0.0)
-        ax2 = tl.load(anchor_ptr + n * 4 + 2, mask=ok, other=0.0)
-        ay2 = tl.load(anchor_ptr + n * 4 + 3, mask=ok, other=0.0)
-        row = b.to(tl.int64) * N + n
-        inside = tl.load(inside_ptr + row, mask=ok, other=0) != 0
-        if HAS_IGNORED:
-            ignored = tl.load(ignored_ptr + row, mask=ok, other=0) != 0
         low = tl.zeros((BLOCK,), tl.int64)
         for g in range(0, G):
             gi = b.to(tl.int64) * G + g
