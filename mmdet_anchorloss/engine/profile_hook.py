@@ -81,7 +81,8 @@ class AnchorLossProfileHook(Hook):
         self.record['iter_time'].append(end - self._iter_start)
         self.record['wall_time'].append(end - self._last_end)
         self.record['loss_time'].append(self._loss_time)
-        self.record['losses'].append({k: float(v) for k, v in (outputs or {}).items()})
+        losses = {k: float(torch.as_tensor(v).detach()) for k, v in (outputs or {}).items()}
+        self.record['losses'].append(losses)
         self._last_end = end
 
     def after_train(self, runner) -> None:
