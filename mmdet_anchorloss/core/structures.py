@@ -53,7 +53,8 @@ def pad_instances(
         boxes.append(b)
         counts.append(len(b))
         if with_labels:
-            lab = inst.labels.to(device=device, dtype=torch.long).reshape(-1)
+            lab = inst.labels.to(device=device, dtype=torch.long)
+            lab = lab if lab.dim() == 1 else lab.reshape(-1)
             if len(lab) != len(b):
                 raise ValueError(
                     f'image {i} of the batch has {len(b)} gt boxes but {len(lab)} labels'

@@ -246,3 +246,58 @@ def test_assigner_kernels_equal_the_torch_path_bit_for_bit(tk, monkeypatch, opti
     assert torch.equal(got.labels, ref.labels)
     assert torch.equal(got.max_overlaps, ref.max_overlaps)
     assert (ref.gt_inds > 0).any() and (ref.gt_inds == 0).any()
+
+
+@needs_kernels
+def test_cuda_path_ops_do_not_grow_with_batch_or_gts(tk, monkeypatch):
+    """Aten ops around the Triton launches of one RetinaNet step, with CUDA's choices: the
+    same count for B=2, G=3 and B=6, G=12 (no loop over images, gts or anchor chunks),
+    within a budget, and 2 host syncs. Each launch runs with the counter paused, as a CUDA
+    launch dispatches no aten op."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from mmdet_anchorloss.kernels.sync_policy import cuda_sync_policy
+    from mmdet_anchorloss.profiling import count_ops
+
+    launches = []
+
+    class Launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            run = self.kernel[grid]
+
+            def launch(*args, **kwargs):
+                launches.append(grid)
+                with _disable_current_modes():
+                    return run(*args, **kwargs)
+
+            return launch
+
+    names = ['_sigmoid_level_kernel', '_assign_max_kernel', '_assign_ties_kernel']
+    for name in names:
+        monkeypatch.setattr(tk, name, Launch(getattr(tk, name)))
+    monkeypatch.setattr(tk, 'usable', lambda x: True)
+    head = build(to_plugin(retina_cfg(num_classes=3)))
+    counts = []
+    for B, G in [(2, 3), (6, 12)]:
+        cls, reg, gts, metas, _ = make_batch(head, 0, [G] * B, [(64, 96)] * B, device=DEVICE)
+        for _ in range(2):  # the second step: anchor grids cached, as in training
+            c = [x.detach().clone().requires_grad_() for x in cls]
+            r = [x.detach().clone().requires_grad_() for x in reg]
+            launches.clear()
+            with cuda_sync_policy(), count_ops() as counter:
+                losses = head.loss_by_feat(c, r, gts, metas, None)
+                sum(sum(v) for v in losses.values()).backward()
+        got = counter.result()
+        assert len(launches) == 5 + 2  # one per level, the assignment maxima and ties
+        assert got.syncs <= 2, dict(got.sync_sites)
+        counts.append(got.ops)
+    assert counts[0] == counts[1], counts
+    assert counts[0] <= OPS_BUDGET, counts
+
+
+# Aten ops of a RetinaNet step on the CUDA path: 355 measured (2026-11-26), against about
+# 1,200 before the Triton kernels. Issue 10 asks for 150; this bound holds what is reached.
+OPS_BUDGET = 360
