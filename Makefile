@@ -53,7 +53,7 @@ gpu-check: data
 	$(PY) tools/gpu_check.py --out work_dirs/gpu_check
 
 # Mutation testing of the core modules against the fast parity tests: prints
-# `mutation score: K killed of N`; about 45 min with 2 jobs on 2 cores (docs/testing.md).
+# `mutation score: K killed of N`; about 15-20 min with 2 jobs on 2 cores (docs/testing.md).
 # Not part of `make test`. MUTATE_ARGS='--files mmdet_anchorloss/core/targets.py' narrows it.
 mutate: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tests/mutation/mutate.py --jobs $(or $(JOBS),2) $(MUTATE_ARGS)

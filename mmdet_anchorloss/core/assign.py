@@ -45,18 +45,19 @@ def assign_batch(
 
 
 def assign_result_of(
-    result: BatchAssignResult, index: int, inside: Optional[Tensor] = None
+    result: BatchAssignResult, index: int, inside: Tensor
 ) -> Tuple[AssignResult, Tensor]:
     """mmdet ``AssignResult`` of one image, restricted to its inside anchors.
+
+    Args:
+        result (BatchAssignResult): the batch's assignment, (B, N).
+        index (int): the image.
+        inside (Tensor): (B, N) bool, the anchors upstream hands to the assigner.
 
     Returns:
         tuple[AssignResult, Tensor]: the result and the (M,) indices of the anchors kept.
     """
-    keep = (
-        inside[index].nonzero().squeeze(1)
-        if inside is not None
-        else torch.arange(result.gt_inds.size(1), device=result.gt_inds.device)
-    )
+    keep = inside[index].nonzero().squeeze(1)
     num_gts = int(result.num_gts[index])
     return AssignResult(
         num_gts=num_gts,

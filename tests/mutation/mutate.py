@@ -57,6 +57,10 @@ TESTS = (
     'tests/test_core/test_parity.py',
     'tests/test_core/test_fused_losses.py',
     'tests/test_core/test_degenerate.py',
+    'tests/test_core/test_layout.py',
+    'tests/test_core/test_twins.py',
+    'tests/test_core/test_sync_budget.py',
+    'tests/test_core/test_amp.py',
 )
 DESELECT = 'not compiled and not memory'
 
