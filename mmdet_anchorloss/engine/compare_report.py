@@ -10,6 +10,7 @@ from typing import Dict, List, Sequence
 
 from . import compare_stats as stats
 from .compare_stats import SIDES
+from .env_info import environment_info, format_environment
 
 
 def fmt(value, spec: str = '.4f') -> str:
@@ -163,6 +164,7 @@ def write_report(configs: Dict[str, str], work_dir: str, runs: Sequence[dict]) -
         default=None,
     )
     report['verdict_rule'] = rule_text(n)
+    report['environment'] = environment_info()
     Path(work_dir, 'report.json').write_text(json.dumps(report, indent=2))
     iters = per_seed[0]['plugin']['iters']
     summary = '\n\n'.join(
@@ -178,6 +180,7 @@ def write_report(configs: Dict[str, str], work_dir: str, runs: Sequence[dict]) -
         f'# {osp.basename(configs["plugin"])} vs its upstream twin',
         '',
         f'- plugin: `{configs["plugin"]}`; upstream: `{configs["upstream"]}`',
+        f'- {format_environment(report["environment"])}',
         f'- heads: `{per_seed[0]["plugin"]["head"]}` / `{per_seed[0]["upstream"]["head"]}`; '
         f'memory: {per_seed[0]["plugin"]["mem_kind"]}',
         f'- {iters} iterations per run; each seed trains both sides from the same weights and '

@@ -8,11 +8,13 @@ import logging
 import os.path as osp
 from typing import Optional
 
+import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from .checkpoint import register_safe_checkpoint_globals
+from .env_info import check_mmcv_ops
 from .launch import fix_ssd_head_predict, setup_cpu_distributed
 
 __all__ = ['build_runner', 'build_train_cfg', 'default_work_dir', 'prepare_process']
@@ -110,8 +112,16 @@ def build_train_cfg(
 
 
 def build_runner(cfg: Config) -> Runner:
-    """The default Runner, or the one named by ``cfg.runner_type``."""
+    """The default Runner, or the one named by ``cfg.runner_type``.
+
+    On a GPU, first checks that mmcv's compiled ops run there (``env_info.check_mmcv_ops``):
+    an mmcv built without CUDA ops fails with a message that names the fix instead of
+    mmcv's own error at the first op.
+    """
     from mmdet.registry import RUNNERS  # mmdet's child registry also finds mmengine's runners
+
+    if torch.cuda.is_available():
+        check_mmcv_ops('cuda')
 
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)

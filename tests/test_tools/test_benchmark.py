@@ -115,7 +115,7 @@ def test_cls_kernel_pattern():
         'void sigmoid_focal_loss_backward_cuda_kernel<c10::Half>(int, ...)',
         'void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float>(...)',
         'void nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>(...)',
-        '_sigmoid_neg_kernel',
+        '_sigmoid_level_kernel',
         '_softmax_ce_fwd_kernel',
         'triton_red_fused_add_mul_sigmoid_sum_0',
     ]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mmengine.config import Config
 
 from mmdet_anchorloss.engine import compare, compare_stats
@@ -192,6 +193,9 @@ def test_write_report_three_seeds(tmp_path):
     assert '| bbox_mAP | 0.505 ± 0.005 | 0.505 ± 0.005 | +0.000 ± 0.000 |' in markdown
     assert 'it 4 (max before: 0.0e+00)' in markdown
     assert 'Timing reliable' in markdown and 'upstream then plugin' in markdown
+    env = report['environment']  # the machine the runs ran on (issue 11)
+    assert env['torch'] == torch.__version__ and env['device'] in ('cpu', 'cuda')
+    assert f'torch {torch.__version__}' in markdown and 'device ' in markdown
     png = (tmp_path / 'loss_curves.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n'
 

@@ -208,3 +208,22 @@ def test_distributed_on_cuda_defaults_to_nccl(monkeypatch):
     untouched = Config(dict(model=dict(type='RetinaNet')))
     assert launch.setup_cpu_distributed(untouched, 'none') is False
     assert 'env_cfg' not in untouched
+
+
+def test_build_runner_checks_mmcv_ops_on_a_gpu(monkeypatch):
+    """On a GPU the runner is built only after mmcv's ops are known to run there."""
+    from mmengine.config import Config
+
+    from mmdet_anchorloss.engine import env_info, runner
+
+    calls = []
+
+    def refuse(device):
+        calls.append(device)
+        raise env_info.MmcvOpsError('mmcv was built without CUDA ops: rebuild it')
+
+    monkeypatch.setattr(runner.torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(runner, 'check_mmcv_ops', refuse)
+    with pytest.raises(env_info.MmcvOpsError, match='without CUDA ops'):
+        runner.build_runner(Config(dict(model=dict(type='Nothing'))))
+    assert calls == ['cuda']
