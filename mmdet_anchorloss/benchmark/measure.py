@@ -16,8 +16,8 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 
 import torch
 
-from ..profiling import count_ops
 from ..kernels.sync_policy import cuda_sync_policy
+from ..profiling import count_ops
 from .cases import CASES, Case, Inputs, autocast, build_head, make_inputs
 
 PHASES = ('assign', 'fwd', 'bwd', 'fwd_bwd')
