@@ -67,9 +67,11 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> bool:
             f'--launcher pytorch needs the torchrun environment; {", ".join(missing)} not set. '
             'Start the job with torchrun (see tools/dist_train.sh).'
         )
-    env_cfg = cfg.setdefault('env_cfg', {})
-    dist_cfg = env_cfg.setdefault('dist_cfg', {})
-    dist_cfg['backend'] = 'gloo'
+    # Assigned, not setdefault: a Config's setdefault hands back a dict it did not store
+    # when the key is missing, and the backend would be lost.
+    env_cfg = dict(cfg.get('env_cfg') or {})
+    env_cfg['dist_cfg'] = dict(env_cfg.get('dist_cfg') or {}, backend='gloo')
+    cfg.env_cfg = env_cfg
     cfg.model_wrapper_cfg = _cpu_model_wrapper_cfg(cfg)
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo')

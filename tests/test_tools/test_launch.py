@@ -37,15 +37,14 @@ def test_missing_torchrun_environment_is_named(monkeypatch):
 
 
 @needs_cpu_only
-def test_single_process_gloo_group(monkeypatch):
+@pytest.mark.parametrize('with_env_cfg', [True, False], ids=['env_cfg', 'no_env_cfg'])
+def test_single_process_gloo_group(monkeypatch, with_env_cfg):
     env = dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1')
-    env['MASTER_PORT'] = '29731'
+    env['MASTER_PORT'] = '29731' if with_env_cfg else '29732'
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    cfg = small_cfg(
-        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl')),
-        find_unused_parameters=True,
-    )
+    extra = dict(env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl')))
+    cfg = small_cfg(**(extra if with_env_cfg else {}), find_unused_parameters=True)
     assert not dist.is_initialized()
     try:
         assert launch.setup_cpu_distributed(cfg, 'pytorch') is True
@@ -54,8 +53,9 @@ def test_single_process_gloo_group(monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    assert cfg.env_cfg.dist_cfg.backend == 'gloo'
-    assert cfg.env_cfg.cudnn_benchmark is False
+    assert cfg.env_cfg.dist_cfg.backend == 'gloo'  # also where the config had no env_cfg
+    if with_env_cfg:
+        assert cfg.env_cfg.cudnn_benchmark is False
     assert cfg.model_wrapper_cfg == dict(
         type='MMDistributedDataParallel',
         device_ids=None,
