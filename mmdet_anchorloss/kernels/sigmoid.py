@@ -122,32 +122,38 @@ loss_and_grad_kernel = kernel(_loss_and_grad, eager=_eager_loss_and_grad)
 loss_only_kernel = kernel(_loss_only, eager=_eager_loss_only)
 
 
-def _triton_forward(ctx, labels, coef, params, num_base_priors, levels) -> Tensor:
-    """``SigmoidLevelsLoss.forward`` through ``triton_kernels.sigmoid_level_loss``: one
-    kernel per level, each logit read once, each gradient written once."""
+def _triton_levels(labels, coef, params, num_base_priors, levels, grad_scales=None):
+    """Per-level totals, or gradients scaled by ``grad_scales`` (L,), through
+    ``triton_kernels.sigmoid_level_loss``: one kernel per level."""
     kernels = triton_module()
-    want_grad = any(ctx.needs_input_grad[6:])
-    coef, labels = coef.float().contiguous(), labels.contiguous()
     totals, grads, start = [], [], 0
-    for x, a in zip(levels, num_base_priors):
+    for lvl, (x, a) in enumerate(zip(levels, num_base_priors)):
         total, grad = kernels.sigmoid_level_loss(
-            x, coef, labels, start, a, *params, want_grad=want_grad
+            x,
+            coef,
+            labels,
+            start,
+            a,
+            *params,
+            want_grad=grad_scales is not None,
+            grad_scale=grad_scales,
+            scale_index=lvl,
         )
         totals.append(total)
         grads.append(grad)
         start += a * x.size(2) * x.size(3)
-    if want_grad:
-        ctx.grads = grads
-    return torch.stack(totals)
+    return torch.stack(totals), grads
 
 
 class SigmoidLevelsLoss(torch.autograd.Function):
     """Per-level totals (L,) of a scaled, weighted sigmoid focal / BCE loss.
 
-    The forward computes the loss and, when a gradient is needed, the gradient too, in the
-    same pass (the transcendental work is done once). The backward only scales it by the
-    incoming per-level gradient, and on CPU skips even that when it is exactly 1 (the
-    usual case: mmengine sums the loss terms; on CUDA it always scales in place).
+    Torch kernels (CPU, or CUDA without Triton): the forward computes the loss and, when a
+    gradient is needed, the gradient too, in the same pass (the transcendental work is done
+    once); the backward only scales it by the incoming per-level gradient, and on CPU skips
+    even that when it is exactly 1 (the usual case: mmengine sums the loss terms). Triton
+    kernels (CUDA): the forward computes the loss only, and the backward computes the
+    gradient, already scaled, in one pass (see ``forward``).
     """
 
     @staticmethod
@@ -163,8 +169,17 @@ class SigmoidLevelsLoss(torch.autograd.Function):
     ) -> Tensor:
         gamma, alpha_pos, alpha_neg = params
         want_grad = any(ctx.needs_input_grad[6:])
-        if use_triton(levels[0]):  # targets read from the labels: no positive to correct
-            return _triton_forward(ctx, labels, weights * scale, params, num_base_priors, levels)
+        if use_triton(levels[0]):
+            # Targets read from the labels (no positive to correct). The forward reads each
+            # logit once for the loss; the backward reads it once more and writes the
+            # gradient once, scaled by the incoming gradient in the same pass: on CUDA that
+            # scale cannot be read without a host sync, so it is not known here.
+            coef, labels = (weights * scale).float().contiguous(), labels.contiguous()
+            ctx.triton = (params, list(num_base_priors))
+            if want_grad:
+                ctx.save_for_backward(coef, labels, *levels)
+            return _triton_levels(labels, coef, params, num_base_priors, levels)[0]
+        ctx.triton = None
         x4s = [class_planes(x, a) for x, a in zip(levels, num_base_priors)]
         shapes = [tuple(x.shape) for x in x4s]
         level_sizes = [s[1] * s[3] for s in shapes]
@@ -203,6 +218,12 @@ class SigmoidLevelsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_totals: Tensor):
+        if ctx.triton is not None:
+            coef, labels, *levels = ctx.saved_tensors
+            params, num_base_priors = ctx.triton
+            scales = grad_totals.float().contiguous()
+            _, grads = _triton_levels(labels, coef, params, num_base_priors, levels, scales)
+            return (None, None, None, None, None, None, *grads)
         grads = ctx.__dict__.pop('grads', None)  # handed over, so autograd can keep them
         if grads is None:
             raise RuntimeError(

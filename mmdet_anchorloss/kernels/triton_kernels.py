@@ -78,10 +78,12 @@ if triton is not None:
         coef_ptr,
         label_ptr,
         grad_ptr,
+        grad_scale_ptr,
         partial_ptr,
         S,
         N,
         level_start,
+        scale_index,
         gamma,
         alpha_pos,
         alpha_neg,
@@ -129,6 +131,8 @@ if triton is not None:
             # d/dx: target 0: +alpha p^g (g (1-p) sp + p); target 1: -alpha q^g (g (1-q) spn + q)
             sign = tl.where(target, -1.0, 1.0)
             grad = coef * sign * alpha * pg * (gamma * (1.0 - base) * soft + base)
+            # scaled by the incoming gradient of the level's total (AMP's loss scale, weights)
+            grad = grad * tl.load(grad_scale_ptr + scale_index)
             tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -320,12 +324,15 @@ def sigmoid_level_loss(
     alpha_pos: float,
     alpha_neg: float,
     want_grad: bool = True,
+    grad_scale: Optional[Tensor] = None,
+    scale_index: int = 0,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Sigmoid focal / BCE loss of one level map, targets from the labels, in one pass.
 
-    Every logit is read once and its gradient written once; the per-anchor weight and label
-    are read from the (B, N) tensors of all levels in mmdet's anchor order, so nothing is
-    permuted, copied or gathered, and no positive needs correcting afterwards.
+    Every logit is read once and, with ``want_grad``, its gradient written once; the
+    per-anchor weight and label are read from the (B, N) tensors of all levels in mmdet's
+    anchor order, so nothing is permuted, copied or gathered, and no positive needs
+    correcting afterwards.
 
     Args:
         x (Tensor): (B, A * C, H, W) logits of the level (float32, float16 or bfloat16).
@@ -335,6 +342,9 @@ def sigmoid_level_loss(
         num_base (int): A, anchors per location.
         gamma, alpha_pos, alpha_neg (float): focal parameters (0, 1, 1 for BCE).
         want_grad (bool): also write the gradient.
+        grad_scale (Tensor, optional): (L,) float32 on the device; entry ``scale_index``
+            multiplies the gradient (the incoming gradient of this level's total); default
+            1. Read by the kernel, so it costs no host sync.
 
     Returns:
         tuple[Tensor, Tensor | None]: () float32 total; (B, A * C, H, W) gradient in ``x``'s
@@ -346,15 +356,19 @@ def sigmoid_level_loss(
     grid = (triton.cdiv(S, SIGMOID_BLOCK_S), B * AC)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
     grad = torch.empty_like(x) if want_grad else partial
+    if grad_scale is None:
+        grad_scale = torch.ones(1, dtype=torch.float32, device=x.device)
     _sigmoid_level_kernel[grid](
         x,
         coef,
         labels,
         grad,
+        grad_scale,
         partial,
         S,
         coef.size(1),
         level_start,
+        scale_index,
         float(gamma),
         float(alpha_pos),
         float(alpha_neg),

@@ -126,6 +126,40 @@ def test_sigmoid_level_kernel_matches_torch_kernels(tk, monkeypatch, params, dty
 
 
 @needs_kernels
+@pytest.mark.parametrize('weights', [(1.0, 3.0), (65536.0, 65536.0), (1.0, 0.0)])
+def test_triton_backward_takes_the_incoming_gradient(tk, monkeypatch, weights):
+    """Per-level incoming gradients other than 1 (a weighted sum, AMP's loss scale, a level
+    left out) scale the Triton gradient exactly as they scale the torch kernels'."""
+    gen = torch.Generator().manual_seed(3)
+    B, C, num_base = 2, 5, [3, 2]
+    maps = [
+        (torch.randn(B, a * C, h, w, generator=gen) * 3).to(DEVICE)
+        for a, (h, w) in zip(num_base, [(4, 6), (2, 3)])
+    ]
+    N = 3 * 24 + 2 * 6
+    labels = torch.randint(0, C + 1, (B, N), generator=gen).to(DEVICE)
+    lw = torch.rand(B, N, generator=gen).to(DEVICE)
+    w = torch.tensor(weights, device=DEVICE)
+
+    def run():
+        leaves = [m.detach().clone().requires_grad_() for m in maps]
+        totals = sigmoid_kernels.sigmoid_level_losses(
+            leaves, num_base, labels, lw, 0.5, 2, 0.25, 0.75
+        )
+        (totals * w).sum().backward()
+        return totals.detach(), [x.grad for x in leaves]
+
+    got, got_g = run()
+    monkeypatch.setenv('MMDET_ANCHORLOSS_TRITON', '0')
+    ref, ref_g = run()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ref_g, got_g):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * max(weights))
+    if weights[1] == 0:
+        assert float(got_g[1].abs().sum()) == 0.0
+
+
+@needs_kernels
 def test_sigmoid_kernel_softplus_tail_is_not_rounded_to_zero(tk):
     """BCE of a very negative logit is exp(x), not 0 (log1p without libdevice)."""
     x = torch.full((1, 1, 1, 4), -20.0, device=DEVICE)
@@ -176,13 +210,15 @@ def test_softmax_kernels_match_torch(tk, dtype):
 )
 def test_head_through_triton_matches_upstream(tk, monkeypatch, make_cfg):
     """The whole loss, with every level's classification pass in Triton."""
-    calls = _spy(tk, monkeypatch, 'sigmoid_level_loss', 'softmax_ce_forward')
+    sigmoid = _spy(tk, monkeypatch, 'sigmoid_level_loss')
+    softmax = _spy(tk, monkeypatch, 'softmax_ce_forward')
     cfg = make_cfg()
     upstream, plugin = build(cfg).to(DEVICE), build(to_plugin(cfg)).to(DEVICE)
     batch = make_batch(upstream, 5, (4, 2), [(100, 120), (64, 90)], device=DEVICE)
     ref, ref_g = loss_and_grads(upstream, *batch)
     got, got_g = loss_and_grads(plugin, *batch)
-    assert len(calls) == 5  # one kernel per level
+    # one kernel per level: sigmoid forward (loss) and backward (gradient), or softmax
+    assert (len(sigmoid), len(softmax)) in ((10, 0), (0, 5)), (len(sigmoid), len(softmax))
     assert_losses_match(ref, got)
     assert_grads_match(ref_g, got_g)
 
@@ -291,13 +327,14 @@ def test_cuda_path_ops_do_not_grow_with_batch_or_gts(tk, monkeypatch):
                 losses = head.loss_by_feat(c, r, gts, metas, None)
                 sum(sum(v) for v in losses.values()).backward()
         got = counter.result()
-        assert len(launches) == 5 + 2  # one per level, the assignment maxima and ties
+        assert len(launches) == 5 + 5 + 2  # per level loss and gradient; assignment maxima, ties
         assert got.syncs <= 2, dict(got.sync_sites)
         counts.append(got.ops)
     assert counts[0] == counts[1], counts
     assert counts[0] <= OPS_BUDGET, counts
 
 
-# Aten ops of a RetinaNet step on the CUDA path: 355 measured (2026-11-26), against about
-# 1,145 counted on CPU before this work. Issue 10 asks for 150; this bound holds what is reached.
-OPS_BUDGET = 360
+# Aten ops of a RetinaNet step on the CUDA path: 365 measured (2026-11-26), against
+# 1,145 counted on CPU before this work. Issue 10 asks for 150; this bound holds what is
+# reached.
+OPS_BUDGET = 370
