@@ -35,6 +35,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
 IN_INTERPRETER = os.environ.get('TRITON_INTERPRET') == '1'
 HERE = os.path.dirname(os.path.abspath(__file__))
+# on a GPU machine these are CUDA tests: ``pytest -m gpu`` runs them
+pytestmark = [pytest.mark.gpu] if CUDA else []
 
 
 @pytest.mark.skipif(CUDA or IN_INTERPRETER, reason='runs the kernels directly')
