@@ -9,7 +9,10 @@ views) and flags the ops that make the host wait for the device on CUDA:
 - ``index`` / ``index_put_`` with a boolean mask;
 - ``repeat_interleave`` without ``output_size``;
 - ``Tensor.tolist()`` / ``Tensor.numpy()`` and copies to the CPU (seen through a
-  ``TorchFunctionMode``, since on CPU they dispatch nothing).
+  ``TorchFunctionMode``, since on CPU they dispatch nothing);
+- copies the other way that wait too: ``torch.tensor(values, device=...)`` (counted on
+  any device, as a CUDA run makes them) and, on CUDA, ``.to('cuda')`` of a CPU tensor
+  that is not pinned or not ``non_blocking`` (``sync_policy.upload`` makes neither).
 
 Ops inside ``torch.compile``d regions are not counted (the counter sets
 ``ignore_compile_internals``, which torch 2.13 honours), and those regions run compiled.
@@ -40,6 +43,32 @@ _SYNC_PACKETS = {
     aten.unique_consecutive,
 }
 _SYNC_METHODS = {'tolist', 'numpy'}
+_UPLOADS = {
+    'tensor': 'torch.tensor',
+    'as_tensor': 'torch.as_tensor',
+    'new_tensor': 'Tensor.new_tensor',
+}
+
+
+def _is_cuda_target(target) -> bool:
+    return target is not None and not isinstance(target, torch.dtype) and 'cuda' in str(target)
+
+
+def _pageable_upload(src: torch.Tensor, kwargs: dict) -> bool:
+    """A CPU tensor copied to CUDA from pageable memory, or without non_blocking: the host
+    waits for the copy."""
+    if src.device.type != 'cpu':
+        return False
+    return not (kwargs.get('non_blocking') and src.is_pinned())
+
+
+def _host_data_to_device(name: str, args: tuple, kwargs: dict) -> bool:
+    """``torch.tensor`` / ``as_tensor`` of host values with an explicit device, or
+    ``Tensor.new_tensor`` of host values (on the device of the tensor)."""
+    data = args[1 if name == 'new_tensor' else 0] if args else kwargs.get('data')
+    if isinstance(data, torch.Tensor):
+        return False
+    return name == 'new_tensor' or kwargs.get('device') is not None
 
 
 class OpCounts(NamedTuple):
@@ -131,15 +160,24 @@ class _FunctionCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, '__name__', '')
         if name in _SYNC_METHODS:
-            self.owner.sync_ops[f'Tensor.{name}'] += 1
-            self.owner.sync_sites[_site(f'Tensor.{name}')] += 1
-        elif name in ('cpu', 'to') and args and isinstance(args[0], torch.Tensor):
+            self._count(f'Tensor.{name}')
+        elif name in ('cpu', 'to', 'cuda') and args and isinstance(args[0], torch.Tensor):
+            src = args[0]
             target = args[1] if len(args) > 1 else kwargs.get('device')
             if name == 'cpu' or (target is not None and str(target) == 'cpu'):
-                if args[0].device.type != 'cpu':
-                    self.owner.sync_ops[f'Tensor.{name}'] += 1
-                    self.owner.sync_sites[_site(f'Tensor.{name}')] += 1
+                if src.device.type != 'cpu':
+                    self._count(f'Tensor.{name}')
+            elif (name == 'cuda' or _is_cuda_target(target)) and _pageable_upload(src, kwargs):
+                self._count(f'Tensor.{name}(cuda)')  # a synchronous copy from pageable memory
+        elif name in _UPLOADS and _host_data_to_device(name, args, kwargs):
+            # torch.tensor(host values, device=...): on CUDA a synchronous copy from pageable
+            # memory. Counted whatever the device, so that a CPU run counts a CUDA step's.
+            self._count(f'{_UPLOADS[name]}(host data, device)')
         return func(*args, **kwargs)
+
+    def _count(self, what: str) -> None:
+        self.owner.sync_ops[what] += 1
+        self.owner.sync_sites[_site(what)] += 1
 
 
 class count_ops:  # noqa: N801 (used as a context manager, like torch's modes)

@@ -17,7 +17,7 @@ from ..kernels.iou import (
     low_quality_ties_kernel,
     overlap_max,
 )
-from ..kernels.sync_policy import avoid_host_sync
+from ..kernels.sync_policy import avoid_host_sync, device_constant
 from ..registry import register_twin
 
 
@@ -245,7 +245,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 ],
                 dim=1,
             )
-        starts = torch.tensor([s for s, _ in bounds], device=anchors.device)
+        starts = device_constant(tuple(s for s, _ in bounds), anchors.device)
         length = bounds[0][1] - bounds[0][0]
         low = torch.zeros(B * N, dtype=torch.long, device=anchors.device)
         step = max(1, self.max_chunk_elems // max(1, length))

@@ -249,6 +249,7 @@ def count_step(bench: Bench) -> dict:
         launches=counts.launches,
         syncs=counts.syncs,
         sync_ops=dict(counts.sync_ops),
+        sync_sites=dict(counts.sync_sites),  # op at file:line, to find each one
         top_ops=dict(counts.by_op.most_common(TOP_OPS)),
         graphs_compiled=compiled_graphs() - graphs,
         sync_policy='cuda',

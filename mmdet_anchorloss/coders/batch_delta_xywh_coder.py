@@ -2,11 +2,13 @@
 
 from typing import Optional, Sequence, Union
 
+import torch
 from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
-from mmdet.models.task_modules.coders.delta_xywh_bbox_coder import bbox2delta, delta2bbox
+from mmdet.models.task_modules.coders.delta_xywh_bbox_coder import delta2bbox
 from mmdet.structures.bbox import get_box_tensor
 from torch import Tensor
 
+from ..kernels.sync_policy import device_constant
 from ..registry import register_twin
 
 
@@ -29,9 +31,28 @@ class BatchDeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder):
         Returns:
             Tensor: (..., 4) float deltas ((dx, dy, dw, dh) - means) / stds.
         """
-        gt_bboxes = get_box_tensor(gt_bboxes)
-        anchors = get_box_tensor(anchors).expand_as(gt_bboxes)
-        return bbox2delta(anchors, gt_bboxes, self.means, self.stds)
+        gt = get_box_tensor(gt_bboxes).float()
+        proposals = get_box_tensor(anchors).expand_as(gt).float()
+        # ``bbox2delta``'s arithmetic, op for op, with the means and stds kept on the device
+        # (``bbox2delta`` copies them from the host each call, a host sync on CUDA)
+        px1, py1, px2, py2 = proposals.unbind(-1)  # one op for the four columns
+        gx1, gy1, gx2, gy2 = gt.unbind(-1)
+        px = (px1 + px2) * 0.5
+        py = (py1 + py2) * 0.5
+        pw = px2 - px1
+        ph = py2 - py1
+        gx = (gx1 + gx2) * 0.5
+        gy = (gy1 + gy2) * 0.5
+        gw = gx2 - gx1
+        gh = gy2 - gy1
+        dx = (gx - px) / pw
+        dy = (gy - py) / ph
+        dw = torch.log(gw / pw)
+        dh = torch.log(gh / ph)
+        deltas = torch.stack([dx, dy, dw, dh], dim=-1)
+        means = device_constant(tuple(float(m) for m in self.means), deltas.device)
+        stds = device_constant(tuple(float(s) for s in self.stds), deltas.device)
+        return deltas.sub_(means).div_(stds)
 
     def decode_batch(
         self,

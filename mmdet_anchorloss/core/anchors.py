@@ -8,6 +8,8 @@ from mmdet.models.task_modules.prior_generators import AnchorGenerator
 from mmdet.structures.bbox import cat_boxes, get_box_tensor
 from torch import Tensor
 
+from ..kernels.sync_policy import device_constant, upload
+
 
 class BatchAnchors(NamedTuple):
     """Anchors shared by the batch and the flags that differ per image.
@@ -56,7 +58,7 @@ def _grid(
             xs.append(idx % feat_w)
         level_ids = torch.repeat_interleave(
             torch.arange(len(level_sizes), device=device),
-            torch.tensor(level_sizes, device=device),
+            device_constant(tuple(level_sizes), device),
             output_size=sum(level_sizes),
         )
         if len(cache) >= _CACHE_SIZE:
@@ -98,8 +100,9 @@ def _batch_valid_flags(
             ]
         )
     device = grid.level_ids.device
-    valid_h = torch.tensor(valid_h, device=device)[:, grid.level_ids]
-    valid_w = torch.tensor(valid_w, device=device)[:, grid.level_ids]
+    # the extents repeat with the batch shape: kept on the device, not copied every step
+    valid_h = device_constant(tuple(map(tuple, valid_h)), device)[:, grid.level_ids]
+    valid_w = device_constant(tuple(map(tuple, valid_w)), device)[:, grid.level_ids]
     return (grid.ys < valid_h) & (grid.xs < valid_w)
 
 
@@ -138,8 +141,8 @@ def batch_anchors(
         )
     inside = valid
     if allowed_border >= 0:
-        img_hw = torch.tensor(
-            [list(m['img_shape'][:2]) for m in batch_img_metas], dtype=anchors.dtype, device=device
+        img_hw = upload(
+            [list(m['img_shape'][:2]) for m in batch_img_metas], device, dtype=anchors.dtype
         )
         img_h, img_w = img_hw[:, :1], img_hw[:, 1:]
         inside = (

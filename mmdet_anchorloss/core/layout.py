@@ -8,10 +8,13 @@ value k at flat position ((b * A_l + a) * K + k) * S_l + s of the level map, wit
 S_l = H_l * W_l. Everything here follows from that, without copying the maps.
 """
 
+import itertools
 from typing import List, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+from ..kernels.sync_policy import device_constant
 
 
 def class_planes(x: Tensor, num_base: int) -> Tensor:
@@ -65,14 +68,18 @@ def map_index(
     """
     device = anchor_inds.device
     sizes = [a * m.size(2) * m.size(3) for m, a in zip(maps, num_base_priors)]
-    bounds = torch.tensor(sizes, device=device).cumsum(0)
-    level = torch.bucketize(anchor_inds.contiguous(), bounds, right=True)
-    local = anchor_inds - (bounds - torch.tensor(sizes, device=device))[level]
-    per_level = torch.tensor(
-        [[a, m.size(1) // a, m.size(2) * m.size(3)] for m, a in zip(maps, num_base_priors)],
-        device=device,
+    ends = tuple(itertools.accumulate(sizes))
+    # host constants of the level shapes: on the device once, not copied every step
+    level = torch.bucketize(anchor_inds.contiguous(), device_constant(ends, device), right=True)
+    per_level = device_constant(
+        tuple(
+            (end - size, a, m.size(1) // a, m.size(2) * m.size(3))
+            for m, a, size, end in zip(maps, num_base_priors, sizes, ends)
+        ),
+        device,
     )[level]
-    A, K, S = per_level.unbind(1)
+    start, A, K, S = per_level.unbind(1)
+    local = anchor_inds - start
     s_idx, a_idx = local // A, local % A
     flat = (((batch_inds * A + a_idx) * K)[:, None] + channel_inds) * S[:, None] + s_idx[:, None]
     return MapIndex(level, flat)
@@ -99,4 +106,12 @@ def gather_anchor_rows(
     """
     K = maps[0].size(1) // num_base_priors[0]
     channels = torch.arange(K, device=anchor_inds.device)[None]
-    return take(maps, map_index(maps, num_base_priors, batch_inds, anchor_inds, channels))
+    index = map_index(maps, num_base_priors, batch_inds, anchor_inds, channels)
+    # The maps are small (K box values per anchor): one copy of all levels and one gather
+    # make a few ops, where a gather per level makes five per level, and as many again in
+    # the backward.
+    offsets = device_constant(
+        tuple(itertools.accumulate([0] + [m.numel() for m in maps[:-1]])), anchor_inds.device
+    )
+    flat = torch.cat([m.reshape(-1) for m in maps])
+    return flat.take(index.flat + offsets[index.level][:, None])

@@ -7,6 +7,7 @@ from mmdet.models.task_modules.samplers import PseudoSampler, RandomSampler
 from mmengine.structures import InstanceData
 from torch import Tensor
 
+from ..kernels.sync_policy import upload
 from .anchors import BatchAnchors
 from .assign import assign_result_of
 from .structures import BatchAssignResult
@@ -43,7 +44,7 @@ def sample_batch(
         pos[i, keep[sampling.pos_inds]] = True
         neg[i, keep[sampling.neg_inds]] = True
         total += sampling.avg_factor
-    return pos, neg, torch.tensor(float(total), device=pos.device)
+    return pos, neg, torch.full((), float(total), device=pos.device)
 
 
 def _sample_random(sampler, assign: BatchAssignResult):
@@ -68,9 +69,10 @@ def _sample_random(sampler, assign: BatchAssignResult):
             want_neg = min(want_neg, int(sampler.neg_pos_ub * max(1, got_pos)))
         got_neg = _draw(chosen_neg[b], num_neg[b], want_neg)
         total += max(got_pos, 1) + max(got_neg, 1)
-    pos = pos & chosen_pos.to(pos.device).gather(1, (pos.cumsum(dim=1) - 1).clamp(min=0))
-    neg = neg & chosen_neg.to(neg.device).gather(1, (neg.cumsum(dim=1) - 1).clamp(min=0))
-    return pos, neg, torch.tensor(float(total), device=pos.device)
+    # the draws go to the device without a host sync (pinned, non-blocking on CUDA)
+    pos = pos & upload(chosen_pos, pos.device).gather(1, (pos.cumsum(dim=1) - 1).clamp(min=0))
+    neg = neg & upload(chosen_neg, neg.device).gather(1, (neg.cumsum(dim=1) - 1).clamp(min=0))
+    return pos, neg, torch.full((), float(total), device=pos.device)
 
 
 def _draw(chosen: Tensor, count: int, want: int) -> int:

@@ -7,6 +7,8 @@ from mmdet.structures.bbox import get_box_tensor
 from mmengine.structures import InstanceData
 from torch import Tensor
 
+from ..kernels.sync_policy import upload
+
 
 class PaddedBoxes(NamedTuple):
     """Boxes of a batch, padded to the largest count.
@@ -63,7 +65,7 @@ def pad_instances(
     B, num = len(counts), max(counts + [1])
     # One copy of all boxes into the padded layout: row i * num + j holds box j of image i.
     slots = [i * num + j for i, n in enumerate(counts) for j in range(n)]
-    index = torch.tensor(slots, dtype=torch.long, device=device)
+    index = upload(slots, device, dtype=torch.long)  # no host sync on CUDA
     out_boxes = torch.zeros(B * num, 4, device=device)
     out_labels = torch.full((B * num,), -1, dtype=torch.long, device=device)
     if slots:
@@ -72,7 +74,7 @@ def pad_instances(
             out_labels.index_copy_(0, index, torch.cat(labels))
         else:
             out_labels.index_fill_(0, index, 0)
-    mask = torch.arange(num, device=device) < torch.tensor(counts, device=device)[:, None]
+    mask = torch.arange(num, device=device) < upload(counts, device, torch.long)[:, None]
     out_boxes, out_labels = out_boxes.view(B, num, 4), out_labels.view(B, num)
     return PaddedBoxes(out_boxes, out_labels, mask)
 

@@ -20,6 +20,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..kernels.sync_policy import device_constant
+
 #: ``gt_inds`` value of a negative anchor.
 NEGATIVE = 0
 #: ``gt_inds`` value of an ignored anchor (between thresholds, or covered by an ignore box).
@@ -250,7 +252,7 @@ def batch_assign_stats(
     for size in level_sizes:
         bounds.append(bounds[-1] + int(size))
     cumsum = torch.nn.functional.pad(pos.sum(0).cumsum(0), (1, 0))  # (N + 1,)
-    bounds_t = torch.as_tensor(bounds, device=gt_inds.device)
+    bounds_t = device_constant(tuple(bounds), gt_inds.device)  # no copy per step
     pos_per_level = cumsum[bounds_t[1:]] - cumsum[bounds_t[:-1]]
 
     # A gt is covered when its index occurs among the positives: count distinct positive

@@ -126,23 +126,28 @@ def _triton_levels(labels, coef, params, num_base_priors, levels, grad_scales=No
     """Per-level totals, or gradients scaled by ``grad_scales`` (L,), through
     ``triton_kernels.sigmoid_level_loss``: one kernel per level."""
     kernels = triton_module()
-    totals, grads, start = [], [], 0
+    want_grad = grad_scales is not None
+    tiles = max(kernels.sigmoid_tiles(x, a) for x, a in zip(levels, num_base_priors))
+    # the forward's per-tile sums, one zero-padded row per level, summed at once; the
+    # backward's are not needed: one scratch row for every level
+    partials = coef.new_empty(1, tiles) if want_grad else coef.new_zeros(len(levels), tiles)
+    grads, start = [], 0
     for lvl, (x, a) in enumerate(zip(levels, num_base_priors)):
-        total, grad = kernels.sigmoid_level_loss(
+        _, grad = kernels.sigmoid_level_loss(
             x,
             coef,
             labels,
             start,
             a,
             *params,
-            want_grad=grad_scales is not None,
+            want_grad=want_grad,
             grad_scale=grad_scales,
             scale_index=lvl,
+            partial=partials[0 if want_grad else lvl],
         )
-        totals.append(total)
         grads.append(grad)
         start += a * x.size(2) * x.size(3)
-    return torch.stack(totals), grads
+    return (None if want_grad else partials.sum(dim=1)), grads
 
 
 class SigmoidLevelsLoss(torch.autograd.Function):
@@ -262,7 +267,10 @@ def sigmoid_level_losses(
         of weights[b, n] * loss(x[b, n, c], target[b, n, c]) (anchors ordered level, y, x,
         anchor, as upstream).
     """
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=labels.device)
+    if isinstance(scale, Tensor):
+        scale = scale.to(labels.device, torch.float32)
+    else:  # a fill, not a copy from the host
+        scale = torch.full((), float(scale), dtype=torch.float32, device=labels.device)
     return SigmoidLevelsLoss.apply(
         labels,
         weights.float(),

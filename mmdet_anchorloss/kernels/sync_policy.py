@@ -11,11 +11,18 @@ by device:
 
 Both choices give the same numbers. ``cuda_sync_policy()`` makes CPU tensors follow CUDA's
 choices, so that a CPU test can count the host syncs a CUDA step makes.
+
+Host data the loss needs on the device (sizes, counts, per-image shapes) goes the other
+way. ``torch.tensor(values, device='cuda')`` copies from pageable memory, and that copy
+waits for the GPU too. ``upload`` copies through pinned memory without waiting, and
+``device_constant`` keeps values that do not change between steps on the device.
 """
 
+import collections
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
+import torch
 from torch import Tensor
 
 _EMULATE_CUDA = False
@@ -35,3 +42,43 @@ def cuda_sync_policy() -> Iterator[None]:
         yield
     finally:
         _EMULATE_CUDA = previous
+
+
+_CONSTANTS: 'collections.OrderedDict[tuple, Tensor]' = collections.OrderedDict()
+_MAX_CONSTANTS = 256
+
+
+def upload(values, device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync.
+
+    On CUDA the values go through pinned memory with a non-blocking copy (the pinned block
+    is not reused before the copy is done: torch's host allocator records it); the host
+    goes on at once. Elsewhere it is a plain ``torch.tensor``. ``values`` may also be a CPU
+    tensor.
+    """
+    device = torch.device(device)
+    host = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    if dtype is not None and host.dtype != dtype:
+        host = host.to(dtype)
+    if device.type == 'cuda':
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def device_constant(values, device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``upload(values, device, dtype)`` once per distinct (values, device, dtype); later
+    calls return the same tensor, which the caller must not modify in place.
+
+    For host values that repeat from step to step (level sizes, anchors per location, the
+    valid-flag extents of a batch shape). ``values`` must be hashable (nested tuples).
+    """
+    key = (values, str(device), dtype)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        found = upload(values, device, dtype)
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.popitem(last=False)
+        _CONSTANTS[key] = found
+    else:
+        _CONSTANTS.move_to_end(key)
+    return found

@@ -3,8 +3,15 @@
 Why not the compiled graph: inductor turns ``_loss_and_grad``'s sum over a (B, A, C, S)
 map into a reduction kernel whose reduction axis is not the contiguous one; on an H100 it
 ran at about 70 GB/s. These kernels instead walk each map along its contiguous H x W axis:
-every program reads a block of logits once, writes their gradient once, and leaves one
+every program reads a tile of logits once, writes their gradient once, and leaves one
 partial sum; a cheap ``sum`` over the partials finishes the total.
+
+The sigmoid kernel's tile is up to 16 class rows of one (image, anchor) by up to 1024
+locations. Its first form, one class row per program, read each anchor's label and
+weight (strided by A in mmdet's anchor order) once per class: on an H100 (2026-11-26) the
+forward ran at about 320 GB/s and the backward at about 620 GB/s, with the focal loss of
+RetinaNet at B=8 taking 3.1 ms of the step's 3.9 ms of GPU time. A tile now reads them
+once for all its class rows.
 
 - ``sigmoid_level_loss``: sigmoid focal / binary cross-entropy of one level map, the target
   of each entry (1 where the class is the anchor's label) decided in the kernel from the
@@ -34,7 +41,8 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
     tl = None
 
-SIGMOID_BLOCK_S = 1024  # locations per program of the per-level kernel (one map row)
+SIGMOID_TILE = 4096  # logits per program of the sigmoid kernel: BLOCK_C classes x BLOCK_S
+SIGMOID_MAX_BLOCK_C = 16  # class rows per tile (they share one read of labels and weights)
 ASSIGN_BLOCK = 256  # anchors per program of the assignment kernels
 IOU_EPS = 1e-6  # bbox_overlaps' default
 # The IoU must equal upstream's eager ``bbox_overlaps`` bit for bit, so no a*b+c is fused
@@ -91,20 +99,24 @@ if triton is not None:
         C: tl.constexpr,
         GAMMA_MODE: tl.constexpr,
         WANT_GRAD: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):
-        """One row (b, a, c) of a level map, BLOCK_S locations: target 0 or 1 by label."""
-        row = tl.program_id(1)  # (b * A + a) * C + c
-        c = row % C
-        a = (row // C) % A
-        b = row // (C * A)
+        """A (BLOCK_C classes, BLOCK_S locations) tile of one (image, anchor) of a level map:
+        target 0 or 1 by label. The anchors' labels and weights are read once per tile and
+        serve its BLOCK_C class rows; each class row is read along the contiguous H x W."""
+        ba = tl.program_id(1)  # b * A + a
+        a = ba % A
+        b = ba // A
         s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-        mask = s < S
-        offs = row.to(tl.int64) * S + s
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        s_ok = s < S
+        mask = (c < C)[:, None] & s_ok[None, :]
         anchor = b.to(tl.int64) * N + level_start + s * A + a  # (b, n), n in mmdet's order
-        coef = tl.load(coef_ptr + anchor, mask=mask, other=0.0)
-        label = tl.load(label_ptr + anchor, mask=mask, other=-1)
+        coef = tl.load(coef_ptr + anchor, mask=s_ok, other=0.0)[None, :]
+        label = tl.load(label_ptr + anchor, mask=s_ok, other=-1)[None, :]
+        offs = (ba.to(tl.int64) * C + c)[:, None] * S + s[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # sigmoid and softplus of x and -x from one exp; log1p(e) without libdevice as
         # log(u) * e / (u - 1) (Goldberg), exact where u rounds to 1 (e tiny)
         e = tl.exp(-tl.abs(x))
@@ -116,16 +128,17 @@ if triton is not None:
         q = tl.where(pos_x, e * inv, inv)  # sigmoid(-x)
         sp = tl.maximum(x, 0.0) + lg  # softplus(x)
         spn = tl.maximum(-x, 0.0) + lg  # softplus(-x)
-        target = label == c
+        target = label == c[:, None]
         # target 1: alpha_pos q^g softplus(-x); target 0: alpha_neg p^g softplus(x)
         base = tl.where(target, q, p)
         soft = tl.where(target, spn, sp)
         alpha = tl.where(target, alpha_pos, alpha_neg)
         pg = _power(base, gamma, GAMMA_MODE)
         loss = alpha * pg * soft * coef
+        tile = (tl.program_id(2) * tl.num_programs(1) + ba) * tl.num_programs(0)
         tl.store(
-            partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
-            tl.sum(tl.where(mask, loss, 0.0), axis=0),
+            partial_ptr + tile + tl.program_id(0),
+            tl.sum(tl.sum(tl.where(mask, loss, 0.0), axis=1), axis=0),
         )
         if WANT_GRAD:
             # d/dx: target 0: +alpha p^g (g (1-p) sp + p); target 1: -alpha q^g (g (1-q) spn + q)
@@ -144,7 +157,9 @@ if triton is not None:
         h = tl.minimum(gy2, ay2) - tl.maximum(gy1, ay1)
         overlap = tl.maximum(w, 0.0) * tl.maximum(h, 0.0)
         union = (area_g + area_a) - overlap
-        return overlap / tl.maximum(union, eps)
+        # IEEE division, as torch's: Triton's ``/`` is div.full.f32 (up to 2 ulp off), which
+        # moved IoUs of exactly 0.5 or 1.0 across the thresholds on an H100
+        return tl.div_rn(overlap, tl.maximum(union, eps))
 
     @triton.jit
     def _anchor_block(anchor_ptr, inside_ptr, ignored_ptr, b, n, N, HAS_IGNORED: tl.constexpr):
@@ -314,6 +329,13 @@ def _gamma_mode(gamma: float) -> int:
     return 0 if gamma == 0.0 else 2 if gamma == 2.0 else 1
 
 
+def _sigmoid_tile(num_classes: int) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of the sigmoid kernel for C classes: up to 16 class rows (RPN's one
+    class gets one), and locations to fill SIGMOID_TILE logits, at most 1024."""
+    block_c = min(SIGMOID_MAX_BLOCK_C, triton.next_power_of_2(max(num_classes, 1)))
+    return block_c, min(1024, SIGMOID_TILE // block_c)
+
+
 def sigmoid_level_loss(
     x: Tensor,
     coef: Tensor,
@@ -326,7 +348,8 @@ def sigmoid_level_loss(
     want_grad: bool = True,
     grad_scale: Optional[Tensor] = None,
     scale_index: int = 0,
-) -> Tuple[Tensor, Optional[Tensor]]:
+    partial: Optional[Tensor] = None,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Sigmoid focal / BCE loss of one level map, targets from the labels, in one pass.
 
     Every logit is read once and, with ``want_grad``, its gradient written once; the
@@ -345,19 +368,25 @@ def sigmoid_level_loss(
         grad_scale (Tensor, optional): (L,) float32 on the device; entry ``scale_index``
             multiplies the gradient (the incoming gradient of this level's total); default
             1. Read by the kernel, so it costs no host sync.
+        partial (Tensor, optional): float32, at least ``sigmoid_tiles`` long: where the
+            kernel leaves its per-tile sums (the caller sums them; the total returned is
+            then None). Default: a buffer of its own, summed here.
 
     Returns:
-        tuple[Tensor, Tensor | None]: () float32 total; (B, A * C, H, W) gradient in ``x``'s
-        dtype, or None.
+        tuple[Tensor | None, Tensor | None]: () float32 total (None with ``partial``);
+        (B, A * C, H, W) gradient in ``x``'s dtype, or None.
     """
     B, AC, H, W = x.shape
-    S = H * W
+    S, C = H * W, AC // num_base
     x = x.contiguous()
-    grid = (triton.cdiv(S, SIGMOID_BLOCK_S), B * AC)
-    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
-    grad = torch.empty_like(x) if want_grad else partial
-    if grad_scale is None:
-        grad_scale = torch.ones(1, dtype=torch.float32, device=x.device)
+    block_c, block_s = _sigmoid_tile(C)
+    grid = (triton.cdiv(S, block_s), B * num_base, triton.cdiv(C, block_c))
+    own = partial is None
+    if own:
+        partial = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=x.device)
+    grad = torch.empty_like(x) if want_grad else partial  # not written without WANT_GRAD
+    if grad_scale is None:  # read only with WANT_GRAD
+        grad_scale = torch.ones(1, dtype=torch.float32, device=x.device) if want_grad else coef
     _sigmoid_level_kernel[grid](
         x,
         coef,
@@ -373,12 +402,21 @@ def sigmoid_level_loss(
         float(alpha_pos),
         float(alpha_neg),
         A=num_base,
-        C=AC // num_base,
+        C=C,
         GAMMA_MODE=_gamma_mode(float(gamma)),
         WANT_GRAD=want_grad,
-        BLOCK_S=SIGMOID_BLOCK_S,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=8,
     )
-    return partial.sum(), (grad if want_grad else None)
+    return (partial.sum() if own else None), (grad if want_grad else None)
+
+
+def sigmoid_tiles(x: Tensor, num_base: int) -> int:
+    """Programs (partial sums) of ``sigmoid_level_loss`` over a (B, A * C, H, W) map."""
+    B, AC, H, W = x.shape
+    block_c, block_s = _sigmoid_tile(AC // num_base)
+    return triton.cdiv(H * W, block_s) * B * num_base * triton.cdiv(AC // num_base, block_c)
 
 
 def _assign_args(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor, ignored):

@@ -21,7 +21,7 @@ from helpers import (
     to_plugin,
 )
 
-from mmdet_anchorloss.kernels.sync_policy import cuda_sync_policy
+from mmdet_anchorloss.kernels.sync_policy import cuda_sync_policy, device_constant, upload
 from mmdet_anchorloss.profiling import count_ops
 
 SYNC_BUDGET = 2
@@ -95,3 +95,45 @@ def test_cuda_step_syncs_by_the_runtime():
     syncs = [w for w in caught if 'synchroniz' in str(w.message)]
     assert got.syncs <= SYNC_BUDGET, dict(got.sync_sites)
     assert len(syncs) <= SYNC_BUDGET, [str(w.message) for w in syncs]
+
+
+def test_counter_sees_copies_from_host_data():
+    """``torch.tensor(values, device=...)`` waits on CUDA (a pageable copy): counted on any
+    device. ``upload`` and ``device_constant`` make no such copy, and are not counted."""
+    with count_ops() as counter:
+        torch.tensor([1, 2], device='cpu')
+        torch.as_tensor([1.0], device='cpu')
+        torch.zeros(2).new_tensor([3])
+        torch.as_tensor(torch.ones(2), device='cpu')  # a tensor, not host data
+        torch.tensor([4, 5])  # stays on the host
+        upload([6, 7], 'cpu', torch.long)
+        device_constant((8, 9), 'cpu')
+    got = counter.result()
+    assert got.syncs == 3, dict(got.sync_sites)
+    assert all('test_sync_budget.py' in site for site in got.sync_sites), got.sync_sites
+
+
+def test_upload_and_device_constant_values():
+    up = upload([[1, 2], [3, 4]], 'cpu', torch.int32)
+    assert up.dtype == torch.int32 and up.tolist() == [[1, 2], [3, 4]]
+    from_tensor = upload(torch.tensor([True, False]), 'cpu')
+    assert from_tensor.dtype == torch.bool and from_tensor.tolist() == [True, False]
+    first = device_constant(((0, 3), (3, 5)), 'cpu')
+    assert first.tolist() == [[0, 3], [3, 5]]
+    assert device_constant(((0, 3), (3, 5)), 'cpu') is first  # kept, not copied again
+    other = device_constant(((0, 3), (3, 5)), 'cpu', torch.float64)
+    assert other is not first and other.dtype == torch.float64
+
+
+@pytest.mark.gpu
+def test_upload_to_cuda_is_not_a_sync():
+    values = list(range(1000))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        got = upload(values, 'cuda', torch.long)
+        const = device_constant(tuple(values), 'cuda')
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert got.is_cuda and torch.equal(got.cpu(), torch.arange(1000))
+    assert torch.equal(const.cpu(), torch.arange(1000))

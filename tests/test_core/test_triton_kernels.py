@@ -97,16 +97,20 @@ def _reference(maps, num_base, labels, weights, scale, params, monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize('params', [(2.0, 0.25, 0.75), (0.0, 1.0, 1.0), (1.5, 0.4, 0.6)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-def test_sigmoid_level_kernel_matches_torch_kernels(tk, monkeypatch, params, dtype):
-    """Two levels (the second starts mid-N), ragged blocks, both targets, weighted sum."""
+@pytest.mark.parametrize('C', [7, 20])
+def test_sigmoid_level_kernel_matches_torch_kernels(tk, monkeypatch, params, dtype, C):
+    """Two levels (the second starts mid-N), ragged tiles: 7 classes in one tile of 8 rows
+    and 512 locations, 20 in two tiles of 16 rows; the second level's 33 x 16 locations
+    span 2 tiles of 512 and 3 of 256. Both targets, weighted sum."""
     gen = torch.Generator().manual_seed(0)
-    B, C, num_base = 2, 7, [3, 2]
+    B, num_base, sizes = 2, [3, 2], [(5, 9), (33, 16)]
     maps = [
         (torch.randn(B, a * C, h, w, generator=gen) * 6).to(DEVICE, dtype)
-        for a, (h, w) in zip(num_base, [(5, 9), (3, 4)])
+        for a, (h, w) in zip(num_base, sizes)
     ]
     maps[0].view(-1)[:4] = torch.tensor([-30.0, 30.0, 0.0, -90.0])  # the functions' tails
-    N = 3 * 45 + 2 * 12
+    assert [tk._sigmoid_tile(c) for c in (1, 7, 20)] == [(1, 1024), (8, 512), (16, 256)]
+    N = sum(a * h * w for a, (h, w) in zip(num_base, sizes))
     labels = torch.randint(0, C + 1, (B, N), generator=gen).to(DEVICE)
     weights = torch.rand(B, N, generator=gen).to(DEVICE)
     ref, ref_g = _reference(maps, num_base, labels, weights, 0.3, params, monkeypatch)
@@ -336,7 +340,10 @@ def test_cuda_path_ops_do_not_grow_with_batch_or_gts(tk, monkeypatch):
     assert counts[0] <= OPS_BUDGET, counts
 
 
-# Aten ops of a RetinaNet step on the CUDA path: 365 measured (2026-11-26), against
-# 1,145 counted on CPU before this work. Issue 10 asks for 150; this bound holds what is
-# reached.
-OPS_BUDGET = 370
+# Aten ops of a RetinaNet step on the CUDA path, with the assigner's finalize step eager as
+# the tests run it (about 25 of them; on CUDA it is compiled): 365 measured at first, 277
+# after the level maps of the regression are gathered in one op, the encoding reads its
+# columns with one unbind and the sigmoid kernels share their buffers (2026-11-26); the
+# H100 run of 52d07ff counted 355. 1,145 were counted on CPU before this work. Issue 10
+# asks for 150; this bound holds what is reached.
+OPS_BUDGET = 280
