@@ -16,6 +16,7 @@ Every kernel of the package is declared the same way, with ``kernel``::
     def loss_and_grad(x, coef): ...
 """
 
+import contextlib
 import os
 import warnings
 from typing import Callable, Optional, Tuple, Type
@@ -75,6 +76,18 @@ def compiler_errors() -> Tuple[Type[BaseException], ...]:
     return tuple(errors)
 
 
+def _constant_floats():
+    """Python float arguments (focal gamma, alpha) as constants of the compiled graph.
+
+    Left to itself the compiler turns each into a tensor at every call, which on CUDA is a
+    copy from the host; a kernel is recompiled for a new value instead (a config has one).
+    """
+    config = torch._dynamo.config
+    if hasattr(config, 'specialize_float'):
+        return config.patch(specialize_float=True)
+    return contextlib.nullcontext()
+
+
 class MaybeCompiled:
     """A kernel function run compiled (``dynamic=True``) or eagerly.
 
@@ -120,7 +133,8 @@ class MaybeCompiled:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         if self.wants_compiled(device):
             try:
-                return self.compiled()(*args)
+                with _constant_floats():
+                    return self.compiled()(*args)
             except compiler_errors() as err:  # no C compiler / Triton: fall back, say so once
                 if self.current_mode() in _FORCE:
                     raise

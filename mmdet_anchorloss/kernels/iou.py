@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .compile import kernel
+from .sync_policy import device_constant
 
 IOU_EPS = 1e-6  # bbox_overlaps' default
 
@@ -90,15 +91,14 @@ def chunk_ties(
     return torch.where(tie, (g + 1)[:, None], 0)
 
 
-def _finalize(
-    max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo: float, hi: float, pos_thr: float
-):
+def _finalize(max_ov, argmax_ov, low, inside, has_gt, gt_labels, thresholds):
     """MaxIoUAssigner's steps on (B, N) per-anchor results, fused into one pass.
 
     Negative if lo <= max IoU < hi; positive (argmax gt) if max IoU >= pos_thr; low-quality
     matches overwrite; images without gts are all negative with IoU 0; anchors upstream
     does not see (outside) are ignored.
     """
+    lo, hi, pos_thr = thresholds.unbind()  # float32, as upstream's float compares cast them
     gt_inds = torch.where((max_ov >= lo) & (max_ov < hi), 0, -1)
     gt_inds = torch.where(max_ov >= pos_thr, argmax_ov + 1, gt_inds)
     gt_inds = torch.where(low > 0, low, gt_inds)
@@ -113,8 +113,15 @@ finalize_kernel = kernel(_finalize)
 
 
 def finalize_assignment(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, hi, pos_thr):
-    """(B, N) gt_inds, max_overlaps and labels from the per-anchor IoU results."""
-    return finalize_kernel(max_ov, argmax_ov, low, inside, has_gt, gt_labels, lo, hi, pos_thr)
+    """(B, N) gt_inds, max_overlaps and labels from the per-anchor IoU results.
+
+    The thresholds go in as a tensor kept on the device: Python floats would be turned
+    into tensors by the compiler at every call (a copy from the host each time on CUDA).
+    """
+    thresholds = device_constant(
+        (float(lo), float(hi), float(pos_thr)), max_ov.device, torch.float32
+    )
+    return finalize_kernel(max_ov, argmax_ov, low, inside, has_gt, gt_labels, thresholds)
 
 
 overlap_max_kernel = kernel(_overlap_max, cpu_only=True)
