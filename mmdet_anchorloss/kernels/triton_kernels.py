@@ -336,6 +336,15 @@ def _sigmoid_tile(num_classes: int) -> Tuple[int, int]:
     return block_c, min(1024, SIGMOID_TILE // block_c)
 
 
+def _sigmoid_grid(x: Tensor, num_base: int) -> Tuple[Tuple[int, int, int], int, int]:
+    """The sigmoid kernel's grid (location tiles, B * A, class tiles) over a (B, A * C, H, W)
+    map, and its (BLOCK_C, BLOCK_S)."""
+    B, AC, H, W = x.shape
+    block_c, block_s = _sigmoid_tile(AC // num_base)
+    grid = (triton.cdiv(H * W, block_s), B * num_base, triton.cdiv(AC // num_base, block_c))
+    return grid, block_c, block_s
+
+
 def sigmoid_level_loss(
     x: Tensor,
     coef: Tensor,
@@ -377,10 +386,8 @@ def sigmoid_level_loss(
         (B, A * C, H, W) gradient in ``x``'s dtype, or None.
     """
     B, AC, H, W = x.shape
-    S, C = H * W, AC // num_base
     x = x.contiguous()
-    block_c, block_s = _sigmoid_tile(C)
-    grid = (triton.cdiv(S, block_s), B * num_base, triton.cdiv(C, block_c))
+    grid, block_c, block_s = _sigmoid_grid(x, num_base)
     own = partial is None
     if own:
         partial = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=x.device)
@@ -394,7 +401,7 @@ def sigmoid_level_loss(
         grad,
         grad_scale,
         partial,
-        S,
+        H * W,
         coef.size(1),
         level_start,
         scale_index,
@@ -402,7 +409,7 @@ def sigmoid_level_loss(
         float(alpha_pos),
         float(alpha_neg),
         A=num_base,
-        C=C,
+        C=AC // num_base,
         GAMMA_MODE=_gamma_mode(float(gamma)),
         WANT_GRAD=want_grad,
         BLOCK_C=block_c,
@@ -414,9 +421,8 @@ def sigmoid_level_loss(
 
 def sigmoid_tiles(x: Tensor, num_base: int) -> int:
     """Programs (partial sums) of ``sigmoid_level_loss`` over a (B, A * C, H, W) map."""
-    B, AC, H, W = x.shape
-    block_c, block_s = _sigmoid_tile(AC // num_base)
-    return triton.cdiv(H * W, block_s) * B * num_base * triton.cdiv(AC // num_base, block_c)
+    grid, _, _ = _sigmoid_grid(x, num_base)
+    return grid[0] * grid[1] * grid[2]
 
 
 def _assign_args(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor, ignored):
