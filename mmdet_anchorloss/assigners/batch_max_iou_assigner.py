@@ -26,16 +26,20 @@ class Overlaps(NamedTuple):
 
     Attributes:
         max_ov, argmax_ov (Tensor): (B, N) best IoU of each anchor and its gt.
-        gt_max, gt_argmax (Tensor): (B, G) best IoU of each gt and its first anchor.
+        gt_max, gt_argmax (Tensor): (B, G) best IoU of each gt and its first anchor
+            (gt_argmax None where the assigner does not read it: the Triton path with
+            ``gt_max_assign_all``).
         ties (Callable[[Tensor], Tensor]): (B, G) bool eligible gts -> (B, N) long, 1 + the
             highest eligible gt whose best IoU the anchor ties, else 0.
+        triton (bool): found by the Triton kernels (the finalize step is one too).
     """
 
     max_ov: Tensor
     argmax_ov: Tensor
     gt_max: Tensor
-    gt_argmax: Tensor
+    gt_argmax: Optional[Tensor]
     ties: Callable[[Tensor], Tensor]
+    triton: bool = False
 
 
 @register_twin('MaxIoUAssigner', 'TASK_UTILS')
@@ -128,22 +132,26 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 low = torch.zeros(B, N, dtype=torch.long, device=device)
                 gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
                 low.scatter_reduce_(1, ov.gt_argmax, torch.where(eligible, gt_ids, 0), 'amax')
-        max_ov, argmax_ov = ov.max_ov, ov.argmax_ov
-        if low is None:
-            low = torch.zeros(B, N, dtype=torch.long, device=device)
         lo, hi = (
             self.neg_iou_thr if isinstance(self.neg_iou_thr, tuple) else (0.0, self.neg_iou_thr)
         )
+        thresholds = (float(lo), float(hi), float(self.pos_iou_thr))
+        has_gt = gt_mask.any(dim=1, keepdim=True)
+        if ov.triton:  # one launch
+            gt_inds, max_ov, labels = triton_module().assign_finalize(
+                ov.max_ov,
+                ov.argmax_ov,
+                low,
+                inside,
+                has_gt,
+                gts.labels,
+                device_constant(thresholds, device, torch.float32),
+            )
+            return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
+        if low is None:
+            low = torch.zeros(B, N, dtype=torch.long, device=device)
         gt_inds, max_ov, labels = finalize_assignment(
-            max_ov,
-            argmax_ov,
-            low,
-            inside,
-            gt_mask.any(dim=1, keepdim=True),
-            gts.labels,
-            float(lo),
-            float(hi),
-            float(self.pos_iou_thr),
+            ov.max_ov, ov.argmax_ov, low, inside, has_gt, gts.labels, *thresholds
         )
         return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
 
@@ -160,7 +168,12 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         if fused_max is overlap_max and use_triton(anchors):
             kernels = triton_module()
             max_ov, argmax_ov, gt_max, gt_argmax = kernels.assign_overlaps(
-                gts.bboxes, gts.mask, anchors, inside, ignored
+                gts.bboxes,
+                gts.mask,
+                anchors,
+                inside,
+                ignored,
+                want_gt_argmax=self.match_low_quality and not self.gt_max_assign_all,
             )
             return Overlaps(
                 max_ov,
@@ -170,6 +183,7 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 lambda eligible: kernels.assign_ties(
                     gts.bboxes, gts.mask, anchors, inside, ignored, gt_max, eligible
                 ),
+                triton=True,
             )
         B, N = inside.shape
         G = gts.bboxes.size(1)

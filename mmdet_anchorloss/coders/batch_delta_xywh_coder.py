@@ -32,24 +32,19 @@ class BatchDeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder):
             Tensor: (..., 4) float deltas ((dx, dy, dw, dh) - means) / stds.
         """
         gt = get_box_tensor(gt_bboxes).float()
-        proposals = get_box_tensor(anchors).expand_as(gt).float()
-        # ``bbox2delta``'s arithmetic, op for op, with the means and stds kept on the device
-        # (``bbox2delta`` copies them from the host each call, a host sync on CUDA)
-        px1, py1, px2, py2 = proposals.unbind(-1)  # one op for the four columns
-        gx1, gy1, gx2, gy2 = gt.unbind(-1)
-        px = (px1 + px2) * 0.5
-        py = (py1 + py2) * 0.5
-        pw = px2 - px1
-        ph = py2 - py1
-        gx = (gx1 + gx2) * 0.5
-        gy = (gy1 + gy2) * 0.5
-        gw = gx2 - gx1
-        gh = gy2 - gy1
-        dx = (gx - px) / pw
-        dy = (gy - py) / ph
-        dw = torch.log(gw / pw)
-        dh = torch.log(gh / ph)
-        deltas = torch.stack([dx, dy, dw, dh], dim=-1)
+        proposals = get_box_tensor(anchors).float()
+        if proposals.shape != gt.shape:
+            proposals = proposals.expand_as(gt)
+        # ``bbox2delta``'s arithmetic, element for element, on (x, y) pairs: anchors and gts
+        # stacked so that each step is one op for both and both axes. The means and stds
+        # stay on the device (``bbox2delta`` copies them from the host each call, a host
+        # sync on CUDA).
+        corners = torch.stack([proposals, gt]).unflatten(-1, (2, 2))  # (2, ..., 2 corners, xy)
+        top_left, bottom_right = corners.unbind(-2)
+        centre = (top_left + bottom_right) * 0.5  # px, py | gx, gy
+        size = bottom_right - top_left  # pw, ph | gw, gh
+        (p_centre, g_centre), (p_size, g_size) = centre.unbind(), size.unbind()
+        deltas = torch.cat([(g_centre - p_centre) / p_size, torch.log(g_size / p_size)], dim=-1)
         means = device_constant(tuple(float(m) for m in self.means), deltas.device)
         stds = device_constant(tuple(float(s) for s in self.stds), deltas.device)
         return deltas.sub_(means).div_(stds)

@@ -20,12 +20,15 @@ class BatchAnchors(NamedTuple):
             ``img_shape`` by ``allowed_border`` — the anchors upstream assigns.
         level_sizes (list[int]): N_l per level, summing to N.
         level_ids (Tensor): (N,) long, level of each anchor.
+        tables (dict, optional): index tables derived from this anchor grid, kept as long
+            as the grid is (``layout.gather_anchor_rows``).
     """
 
     anchors: Tensor
     inside: Tensor
     level_sizes: List[int]
     level_ids: Tensor
+    tables: Optional[dict] = None
 
 
 class _Grid(NamedTuple):
@@ -36,6 +39,7 @@ class _Grid(NamedTuple):
     level_ids: Tensor  # (N,) long
     ys: Tensor  # (N,) long, feature-map row of each anchor
     xs: Tensor  # (N,) long, feature-map column of each anchor
+    tables: dict  # index tables derived from the grid (``BatchAnchors.tables``)
 
 
 _CACHE_SIZE = 16
@@ -69,6 +73,7 @@ def _grid(
             level_ids,
             torch.cat(ys),
             torch.cat(xs),
+            {},
         )
     return cache[key]
 
@@ -152,4 +157,4 @@ def batch_anchors(
             & (anchors[None, :, 2] < img_w + allowed_border)
             & (anchors[None, :, 3] < img_h + allowed_border)
         )
-    return BatchAnchors(anchors, inside, grid.level_sizes, grid.level_ids)
+    return BatchAnchors(anchors, inside, grid.level_sizes, grid.level_ids, grid.tables)

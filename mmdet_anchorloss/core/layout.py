@@ -9,12 +9,12 @@ S_l = H_l * W_l. Everything here follows from that, without copying the maps.
 """
 
 import itertools
-from typing import List, NamedTuple, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..kernels.sync_policy import device_constant
+from ..kernels.sync_policy import device_constant, upload
 
 
 def class_planes(x: Tensor, num_base: int) -> Tensor:
@@ -99,19 +99,56 @@ def gather_anchor_rows(
     num_base_priors: Sequence[int],
     batch_inds: Tensor,
     anchor_inds: Tensor,
+    tables: Optional[dict] = None,
 ) -> Tensor:
     """Rows (P, K) of selected anchors, read straight from the level maps (no copy of them).
 
     Equal to ``levels_to_rows(maps, K)[batch_inds, anchor_inds]``; differentiable.
+
+    Args:
+        maps (Sequence[Tensor]): L maps (B, A_l * K, H_l, W_l).
+        num_base_priors (Sequence[int]): A_l per level.
+        batch_inds, anchor_inds (Tensor): (P,) image and anchor (into N) of each row.
+        tables (dict, optional): where to keep the index table between calls (the anchor
+            grid's ``tables``); without it the table is built anew.
     """
-    K = maps[0].size(1) // num_base_priors[0]
-    channels = torch.arange(K, device=anchor_inds.device)[None]
-    index = map_index(maps, num_base_priors, batch_inds, anchor_inds, channels)
     # The maps are small (K box values per anchor): one copy of all levels and one gather
     # make a few ops, where a gather per level makes five per level, and as many again in
-    # the backward.
-    offsets = device_constant(
-        tuple(itertools.accumulate([0] + [m.numel() for m in maps[:-1]])), anchor_inds.device
-    )
+    # the backward. Where each anchor's values lie in that copy is a table per map shapes,
+    # kept in ``tables`` (the anchor grid's, which lives as long as the grid).
+    key = ('gather_anchor_rows', tuple(tuple(m.shape) for m in maps), tuple(num_base_priors))
+    found = None if tables is None else tables.get(key)
+    if found is None:
+        found = tuple(upload(t, anchor_inds.device) for t in row_table(*key[1:]))
+        if tables is not None:
+            if len(tables) >= MAX_TABLES:
+                tables.pop(next(iter(tables)))
+            tables[key] = found
+    first, stride = found
     flat = torch.cat([m.reshape(-1) for m in maps])
-    return flat.take(index.flat + offsets[index.level][:, None])
+    return flat.take(first[anchor_inds] + (batch_inds * stride[anchor_inds])[:, None])
+
+
+MAX_TABLES = 4  # per anchor grid: batch sizes seen with one feature-map size
+
+
+def row_table(shapes: Tuple[Tuple[int, ...], ...], num_base_priors: Tuple[int, ...]):
+    """Where the values of each anchor lie in the level maps concatenated flat.
+
+    Args:
+        shapes (tuple): L map shapes (B, A_l * K, H_l, W_l).
+        num_base_priors (tuple): A_l per level.
+
+    Returns:
+        tuple[Tensor, Tensor]: (N, K) long, flat position of anchor n's K values for image
+        0; (N,) long, the step from one image to the next. On the host.
+    """
+    firsts, strides, offset = [], [], 0
+    for (B, AK, H, W), A in zip(shapes, num_base_priors):
+        K, S = AK // A, H * W
+        local = torch.arange(S * A)
+        s, a = local // A, local % A
+        firsts.append(offset + (a * K * S + s)[:, None] + torch.arange(K)[None] * S)
+        strides.append(torch.full((S * A,), A * K * S))
+        offset += B * AK * S
+    return torch.cat(firsts), torch.cat(strides)

@@ -46,10 +46,11 @@ def build_targets(
             positives are then found without a host sync.
     """
     labels = torch.where(pos, assign.labels, options.num_classes)
-    pos_weight = options.pos_weight
-    label_weights = torch.where(
-        pos, pos_weight if pos_weight > 0 else 1.0, torch.where(neg, 1.0, 0.0)
-    ).float()
+    # 1 for sampled anchors (positives and negatives are disjoint), 0 for the rest;
+    # positives take ``pos_weight`` when it is set (> 0)
+    label_weights = (pos | neg).float()
+    if options.pos_weight > 0 and options.pos_weight != 1:
+        label_weights = torch.where(pos, float(options.pos_weight), label_weights)
     pos_b, pos_n = positions(pos, num_pos)
     pos_gt = gts.bboxes[pos_b, assign.gt_inds[pos_b, pos_n] - 1]
     if options.reg_decoded_bbox:

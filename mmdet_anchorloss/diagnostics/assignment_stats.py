@@ -5,8 +5,9 @@ Two entry points:
 - :func:`per_image_stats` + :func:`summarize`: one image at a time, on the output of a
   single-image assigner (mmdet ``AssignResult``), for the offline tool
   ``tools/analyze_assignments.py``. Host syncs are fine there.
-- :func:`batch_assign_stats`: batched ``gt_inds`` (B, N), pure tensor ops and no host sync,
-  for statistics logged during training.
+- :func:`batch_assign_stats`: batched ``gt_inds`` (B, N), pure tensor ops and no host sync.
+- :func:`log_counts` + :func:`log_values`: the part of them that the training log shows,
+  in a dozen ops (the heads compute it at every step).
 
 ``gt_inds`` follows mmdet's ``AssignResult`` convention: 0 = negative, -1 = ignored (neither
 positive nor negative), k > 0 = positive for gt index k - 1.
@@ -274,6 +275,49 @@ def batch_assign_stats(
         num_neg=(gt_inds == NEGATIVE).sum(),
         num_ignored=(gt_inds == IGNORED).sum(),
     )
+
+
+def log_counts(gt_inds: Tensor, level_ids: Tensor, num_levels: int, gt_mask: Tensor) -> Tensor:
+    """What the training log shows of a batch's assignment, without host sync.
+
+    ``batch_assign_stats``'s ``pos_per_level``, ``num_gts`` and the gts with a positive
+    anchor, in a dozen ops: the heads compute it at every step (read back with the count of
+    positives), so it skips what only the offline statistics need.
+
+    Args:
+        gt_inds (Tensor): (B, N) long, the assignment (outside anchors are -1).
+        level_ids (Tensor): (N,) long, level of each anchor.
+        num_levels (int): L.
+        gt_mask (Tensor): (B, G) bool, real gts; ``gt_inds`` <= G.
+
+    Returns:
+        Tensor: (L + 2,) long: positives per level, then the number of gts and the number
+        of gts that some anchor is assigned to (``log_values`` turns them into log keys).
+    """
+    pos_per_anchor = (gt_inds > 0).sum(dim=0)  # (N,)
+    pos_per_level = gt_inds.new_zeros(num_levels).index_add_(0, level_ids, pos_per_anchor)
+    covered = gt_inds.new_zeros(gt_inds.size(0), gt_mask.size(1) + 1)  # slot 0: not positive
+    covered.scatter_(1, gt_inds.clamp(min=0), 1)
+    totals = torch.stack([gt_mask.sum(), covered[:, 1:].sum()])
+    return torch.cat([pos_per_level, totals])
+
+
+def log_values(counts: Sequence[float], num_images: int) -> Dict[str, float]:
+    """The training-log keys from ``log_counts``, read back.
+
+    Args:
+        counts (Sequence[float]): ``log_counts``'s L + 2 values.
+        num_images (int): B.
+
+    Returns:
+        dict: ``train/assign/pos_l{l}`` (positives per image on level l) and
+        ``train/assign/gts_without_pos`` (the share of the batch's gts that no anchor is
+        assigned to).
+    """
+    *per_level, num_gts, covered = counts
+    out = {f'train/assign/pos_l{lvl}': v / max(num_images, 1) for lvl, v in enumerate(per_level)}
+    out['train/assign/gts_without_pos'] = (num_gts - covered) / max(num_gts, 1.0)
+    return out
 
 
 def _quantiles(values: Tensor) -> Dict[str, float]:

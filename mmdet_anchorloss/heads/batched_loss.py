@@ -30,7 +30,7 @@ from ..core.validation import (
     gt_problems,
     raise_gt_error,
 )
-from ..diagnostics.assignment_stats import batch_assign_stats
+from ..diagnostics.assignment_stats import log_counts, log_values
 
 
 class LossInputs(NamedTuple):
@@ -41,7 +41,7 @@ class LossInputs(NamedTuple):
         gts (PaddedBoxes): the batch's gts, padded to (B, G).
         targets (SampledTargets): labels, weights and box targets.
         assign_stats (dict[str, float] | None): the training-log statistics of the
-            assignment (``assign_log_values``), read back with the positives' count;
+            assignment (``assignment_stats.log_values``), read back with the positives' count;
             None when ``log_assign_stats`` is off.
     """
 
@@ -169,15 +169,12 @@ class BatchedAnchorLossMixin:
         if self.sync_avg_factor:
             avg_factor = reduce_mean(avg_factor)
         # The target step's one read-back: the number of positives (so that they are found
-        # without another sync) and, with it, the statistics for the training log.
-        read = [pos.sum().view(1).float()]
+        # without another sync) and, with it, the counts for the training log.
         if self.log_assign_stats:
-            stats = batch_assign_stats(
-                assign.gt_inds, anchors.level_sizes, gts.num_gts, anchors.inside, gts.mask.size(1)
-            )
-            read += [stats.pos_per_level.float(), stats.num_gts.view(1).float()]
-            read += [stats.num_gts_without_pos.view(1).float()]
-        num_pos, *stat_values = torch.cat(read).tolist()
+            counts = log_counts(assign.gt_inds, anchors.level_ids, len(anchors.level_sizes), gts.mask)
+            num_pos, *stat_values = torch.cat([pos.sum().view(1), counts]).tolist()
+        else:
+            num_pos, stat_values = pos.sum().tolist(), []
         options = TargetOptions(
             self.num_classes,
             self.train_cfg['pos_weight'],
@@ -187,7 +184,7 @@ class BatchedAnchorLossMixin:
         targets = build_targets(
             options, anchors, gts, assign, pos, neg, avg_factor, num_pos=int(num_pos)
         )
-        stats = assign_log_values(stat_values, len(batch_img_metas)) if stat_values else None
+        stats = log_values(stat_values, len(batch_img_metas)) if stat_values else None
         return LossInputs(anchors, gts, targets, stats)
 
     # --------------------------------------------------------------- losses
@@ -229,7 +226,11 @@ class BatchedAnchorLossMixin:
         (through the coder's ``decode_batch`` when it has one)."""
         t, a = inputs.targets, inputs.anchors
         pred = gather_anchor_rows(
-            bbox_preds, self.prior_generator.num_base_anchors, t.pos_batch_inds, t.pos_anchor_inds
+            bbox_preds,
+            self.prior_generator.num_base_anchors,
+            t.pos_batch_inds,
+            t.pos_anchor_inds,
+            a.tables,
         )
         if self.reg_decoded_bbox:
             pred = decode_boxes(self.bbox_coder, a.anchors[t.pos_anchor_inds], pred)
@@ -342,15 +343,15 @@ def check_targets_inputs(
         ValueError: naming the image and box (``validation.raise_gt_error``), or the image
             that has no anchor inside its boundary.
     """
-    flags = [gt_problems(gts, num_classes).any(), (~anchors.inside.any(dim=1)).any()]
+    flags = [gt_problems(gts, num_classes).any(), anchors.inside.any(dim=1).all()]
     if ignore is not None:
         flags.append(gt_problems(ignore, 0).any())
-    bad_gt, no_inside, *bad_ignore = torch.stack(flags).tolist()  # the one read-back
+    bad_gt, all_inside, *bad_ignore = torch.stack(flags).tolist()  # the one read-back
     if bad_gt:
         raise_gt_error(gts, num_classes, metas)
     if bad_ignore and bad_ignore[0]:
         raise_gt_error(ignore, 0, metas, what='ignore')
-    if no_inside:
+    if not all_inside:
         img = int((~anchors.inside.any(dim=1)).nonzero()[0])
         raise ValueError(
             f'{describe_image(img, metas)} has no valid anchor inside the '
@@ -358,21 +359,3 @@ def check_targets_inputs(
             'image size and anchor sizes, or set ``allowed_border`` to -1 to skip the '
             'condition.'
         )
-
-
-def assign_log_values(values: Sequence[float], num_images: int) -> Dict[str, float]:
-    """The training-log keys from ``batch_assign_stats``'s values, read back as floats.
-
-    Args:
-        values (Sequence[float]): positives per level (L values), then the number of gts and
-            the number of gts without a positive anchor.
-        num_images (int): B.
-
-    Returns:
-        dict: ``train/assign/pos_l{l}`` (positives per image on level l) and
-        ``train/assign/gts_without_pos`` (their share of the batch's gts).
-    """
-    *per_level, num_gts, without = values
-    out = {f'train/assign/pos_l{lvl}': v / max(num_images, 1) for lvl, v in enumerate(per_level)}
-    out['train/assign/gts_without_pos'] = without / max(num_gts, 1.0)
-    return out

@@ -143,7 +143,8 @@ def _triton_levels(labels, coef, params, num_base_priors, levels, grad_scales=No
             want_grad=want_grad,
             grad_scale=grad_scales,
             scale_index=lvl,
-            partial=partials[0 if want_grad else lvl],
+            partial=partials,
+            partial_offset=0 if want_grad else lvl * tiles,
         )
         grads.append(grad)
         start += a * x.size(2) * x.size(3)

@@ -88,6 +88,7 @@ if triton is not None:
         grad_ptr,
         grad_scale_ptr,
         partial_ptr,
+        partial_offset,
         S,
         N,
         level_start,
@@ -137,7 +138,7 @@ if triton is not None:
         loss = alpha * pg * soft * coef
         tile = (tl.program_id(2) * tl.num_programs(1) + ba) * tl.num_programs(0)
         tl.store(
-            partial_ptr + tile + tl.program_id(0),
+            partial_ptr + partial_offset + tile + tl.program_id(0),
             tl.sum(tl.sum(tl.where(mask, loss, 0.0), axis=1), axis=0),
         )
         if WANT_GRAD:
@@ -271,6 +272,51 @@ if triton is not None:
         tl.store(low_ptr + row, low, mask=ok)
 
     @triton.jit
+    def _assign_finalize_kernel(
+        max_ptr,
+        argmax_ptr,
+        low_ptr,
+        inside_ptr,
+        has_gt_ptr,
+        gt_label_ptr,
+        threshold_ptr,
+        gt_inds_ptr,
+        overlaps_ptr,
+        labels_ptr,
+        N,
+        G,
+        HAS_LOW: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """``iou._finalize`` on BLOCK anchors of one image: MaxIoUAssigner's thresholds,
+        low-quality matches, images without gts and outside anchors, then the labels."""
+        b = tl.program_id(1)
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = n < N
+        row = b.to(tl.int64) * N + n
+        ov = tl.load(max_ptr + row, mask=ok, other=0.0)
+        best_gt = tl.load(argmax_ptr + row, mask=ok, other=0)
+        inside = tl.load(inside_ptr + row, mask=ok, other=0) != 0
+        has_gt = tl.load(has_gt_ptr + b) != 0
+        lo = tl.load(threshold_ptr)  # float32, as upstream's compares cast the floats
+        hi = tl.load(threshold_ptr + 1)
+        pos_thr = tl.load(threshold_ptr + 2)
+        gt_inds = tl.where((ov >= lo) & (ov < hi), 0, -1).to(tl.int64)
+        gt_inds = tl.where(ov >= pos_thr, best_gt + 1, gt_inds)
+        if HAS_LOW:
+            low = tl.load(low_ptr + row, mask=ok, other=0)
+            gt_inds = tl.where(low > 0, low, gt_inds)
+        gt_inds = tl.where(has_gt, gt_inds, 0)
+        gt_inds = tl.where(inside, gt_inds, -1)
+        ov = tl.where(has_gt | (inside == 0), ov, 0.0)
+        positive = gt_inds > 0
+        label_at = b.to(tl.int64) * G + tl.where(positive, gt_inds - 1, 0)
+        labels = tl.load(gt_label_ptr + label_at, mask=ok & positive, other=-1)
+        tl.store(gt_inds_ptr + row, gt_inds, mask=ok)
+        tl.store(overlaps_ptr + row, ov, mask=ok)
+        tl.store(labels_ptr + row, tl.where(positive, labels, -1), mask=ok)
+
+    @triton.jit
     def _softmax_ce_fwd_kernel(
         x_ptr,
         label_ptr,
@@ -358,6 +404,7 @@ def sigmoid_level_loss(
     grad_scale: Optional[Tensor] = None,
     scale_index: int = 0,
     partial: Optional[Tensor] = None,
+    partial_offset: int = 0,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Sigmoid focal / BCE loss of one level map, targets from the labels, in one pass.
 
@@ -377,9 +424,10 @@ def sigmoid_level_loss(
         grad_scale (Tensor, optional): (L,) float32 on the device; entry ``scale_index``
             multiplies the gradient (the incoming gradient of this level's total); default
             1. Read by the kernel, so it costs no host sync.
-        partial (Tensor, optional): float32, at least ``sigmoid_tiles`` long: where the
-            kernel leaves its per-tile sums (the caller sums them; the total returned is
-            then None). Default: a buffer of its own, summed here.
+        partial (Tensor, optional): float32: where the kernel leaves its per-tile sums,
+            ``sigmoid_tiles`` of them from element ``partial_offset`` on (the caller sums
+            them; the total returned is then None). Default: a buffer of its own, summed
+            here. An offset rather than a view of a shared buffer: a view is one more op.
 
     Returns:
         tuple[Tensor | None, Tensor | None]: () float32 total (None with ``partial``);
@@ -401,6 +449,7 @@ def sigmoid_level_loss(
         grad,
         grad_scale,
         partial,
+        partial_offset,
         H * W,
         coef.size(1),
         level_start,
@@ -426,31 +475,40 @@ def sigmoid_tiles(x: Tensor, num_base: int) -> int:
 
 
 def _assign_args(gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor, ignored):
+    """The assignment kernels' inputs. The bool masks go in as they are (Triton reads a
+    bool tensor as int1): no conversion op per mask and call."""
     B, G = gt_mask.shape
     N = anchors.size(0)
     has_ignored = ignored is not None
     return (
         gts.float().contiguous(),
-        gt_mask.to(torch.int8).contiguous(),
+        gt_mask.contiguous(),
         anchors.float().contiguous(),
-        inside.to(torch.int8).contiguous(),
-        ignored.to(torch.int8).contiguous() if has_ignored else inside.to(torch.int8),
+        inside.contiguous(),
+        ignored.contiguous() if has_ignored else inside,  # not read without HAS_IGNORED
     ), (B, G, N, has_ignored)
 
 
 def assign_overlaps(
-    gts: Tensor, gt_mask: Tensor, anchors: Tensor, inside: Tensor, ignored: Optional[Tensor]
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    gts: Tensor,
+    gt_mask: Tensor,
+    anchors: Tensor,
+    inside: Tensor,
+    ignored: Optional[Tensor],
+    want_gt_argmax: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """The IoU maxima of ``BatchMaxIoUAssigner`` in one launch: no (B, G, N) matrix.
 
     Args:
         gts (Tensor): (B, G, 4) padded gts. gt_mask (Tensor): (B, G) bool.
         anchors (Tensor): (N, 4). inside (Tensor): (B, N) bool.
         ignored (Tensor, optional): (B, N) bool, anchors covered by an ignore box (IoU -1).
+        want_gt_argmax (bool): also find each gt's first best anchor (only the assigner's
+            ``gt_max_assign_all=False`` reads it; it costs six small ops).
 
     Returns:
         tuple: max_ov (B, N) float, argmax_ov (B, N) long; gt_max (B, G) float and
-        gt_argmax (B, G) long (the first anchor reaching it).
+        gt_argmax (B, G) long (the first anchor reaching it), or None.
     """
     args, (B, G, N, has_ignored) = _assign_args(gts, gt_mask, anchors, inside, ignored)
     grid = (triton.cdiv(N, ASSIGN_BLOCK), B)
@@ -472,6 +530,8 @@ def assign_overlaps(
         **_EXACT,
     )
     gt_max = block_max.amax(dim=2)
+    if not want_gt_argmax:
+        return max_ov, argmax_ov, gt_max, None
     first_block = (block_max == gt_max[..., None]).to(torch.int8).argmax(dim=2, keepdim=True)
     gt_argmax = block_arg.gather(2, first_block).squeeze(2)
     return max_ov, argmax_ov, gt_max, gt_argmax
@@ -492,7 +552,7 @@ def assign_ties(
     _assign_ties_kernel[(triton.cdiv(N, ASSIGN_BLOCK), B)](
         *args,
         gt_max.float().contiguous(),
-        eligible.to(torch.int8).contiguous(),
+        eligible.contiguous(),
         low,
         N,
         G,
@@ -502,6 +562,52 @@ def assign_ties(
         **_EXACT,
     )
     return low
+
+
+def assign_finalize(
+    max_ov: Tensor,
+    argmax_ov: Tensor,
+    low: Optional[Tensor],
+    inside: Tensor,
+    has_gt: Tensor,
+    gt_labels: Tensor,
+    thresholds: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``iou.finalize_assignment`` in one launch (the torch version is some 25 ops eagerly).
+
+    Args:
+        max_ov, argmax_ov (Tensor): (B, N) each anchor's best IoU and its gt.
+        low (Tensor, optional): (B, N) long, low-quality matches (1-based gt, 0: none).
+        inside (Tensor): (B, N) bool. has_gt (Tensor): (B, 1) bool.
+        gt_labels (Tensor): (B, G) long.
+        thresholds (Tensor): (3,) float32 on the device: lo, hi (negatives) and the
+            positive threshold.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: gt_inds (B, N) long, max_overlaps (B, N) float32
+        (0 for images without gts) and labels (B, N) long (-1 unless positive).
+    """
+    B, N = max_ov.shape
+    gt_inds = torch.empty(B, N, dtype=torch.long, device=max_ov.device)
+    overlaps = torch.empty(B, N, dtype=torch.float32, device=max_ov.device)
+    labels = torch.empty(B, N, dtype=torch.long, device=max_ov.device)
+    _assign_finalize_kernel[(triton.cdiv(N, ASSIGN_BLOCK), B)](
+        max_ov.contiguous(),
+        argmax_ov.contiguous(),
+        gt_inds if low is None else low.contiguous(),  # not read without HAS_LOW
+        inside.contiguous(),
+        has_gt.contiguous(),
+        gt_labels.contiguous(),
+        thresholds,
+        gt_inds,
+        overlaps,
+        labels,
+        N,
+        gt_labels.size(1),
+        HAS_LOW=low is not None,
+        BLOCK=ASSIGN_BLOCK,
+    )
+    return gt_inds, overlaps, labels
 
 
 def softmax_ce_forward(x4: Tensor, labels4: Tensor) -> Tuple[Tensor, Tensor]:

@@ -41,6 +41,27 @@ def test_gather_anchor_rows_equals_indexing_the_rows():
     assert torch.equal(got, levels_to_rows(maps, K)[b, n])
 
 
+def test_gather_anchor_rows_keeps_a_table_per_map_shapes():
+    """The index table is kept per map shapes: another batch size gets its own (the level
+    offsets change with B), and a kept one gives the same rows."""
+    tables = {}
+    for B in (2, 3, 2):
+        maps = _maps(B=B)
+        b = torch.arange(B).repeat_interleave(4)
+        n = torch.tensor([0, 89, 90, 101]).repeat(B)
+        got = gather_anchor_rows(maps, A, b, n, tables)
+        assert torch.equal(got, levels_to_rows(maps, K)[b, n])
+    assert len(tables) == 2
+
+
+def test_gather_anchor_rows_gradient_reaches_each_level():
+    maps = [m.requires_grad_() for m in _maps()]
+    b, n = torch.tensor([1, 0, 1]), torch.tensor([95, 7, 7])
+    gather_anchor_rows(maps, A, b, n).sum().backward()
+    assert maps[0].grad.sum() == 2 * K and maps[1].grad.sum() == K
+    assert maps[0].grad[0, 1 * K : 2 * K, 0, 2].tolist() == [1.0] * K  # n = 7: y 0, x 2, a 1
+
+
 def test_map_index_single_channel_and_gradient_flows_back():
     maps = [m.requires_grad_() for m in _maps()]
     b, n, c = torch.tensor([1, 0]), torch.tensor([95, 7]), torch.tensor([[3], [0]])

@@ -317,7 +317,12 @@ def test_cuda_path_ops_do_not_grow_with_batch_or_gts(tk, monkeypatch):
 
             return launch
 
-    names = ['_sigmoid_level_kernel', '_assign_max_kernel', '_assign_ties_kernel']
+    names = [
+        '_sigmoid_level_kernel',
+        '_assign_max_kernel',
+        '_assign_ties_kernel',
+        '_assign_finalize_kernel',
+    ]
     for name in names:
         monkeypatch.setattr(tk, name, Launch(getattr(tk, name)))
     monkeypatch.setattr(tk, 'usable', lambda x: True)
@@ -333,7 +338,8 @@ def test_cuda_path_ops_do_not_grow_with_batch_or_gts(tk, monkeypatch):
                 losses = head.loss_by_feat(c, r, gts, metas, None)
                 sum(sum(v) for v in losses.values()).backward()
         got = counter.result()
-        assert len(launches) == 5 + 5 + 2  # per level loss and gradient; assignment maxima, ties
+        # per level loss and gradient; assignment maxima, ties, finalize
+        assert len(launches) == 5 + 5 + 3
         assert got.syncs <= 2, dict(got.sync_sites)
         counts.append(got.ops)
     assert counts[0] == counts[1], counts

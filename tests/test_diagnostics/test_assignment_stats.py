@@ -11,7 +11,12 @@ from mmdet_anchorloss.diagnostics import (
     size_buckets,
     summarize,
 )
-from mmdet_anchorloss.diagnostics.assignment_stats import featmap_sizes, level_name
+from mmdet_anchorloss.diagnostics.assignment_stats import (
+    featmap_sizes,
+    level_name,
+    log_counts,
+    log_values,
+)
 
 # Two levels on a 16 x 32 image. L0: 8x8 anchors tiling it (2 rows x 4 columns, order y, x);
 # L1: two 16x16 anchors. L2: one big anchor that hangs outside the image.
@@ -180,3 +185,26 @@ def test_featmap_sizes_and_level_name():
     assert featmap_sizes((160, 192), [(8.0, 8.0), (128.0, 128.0)]) == [(20, 24), (2, 2)]
     assert level_name(0, (8.0, 8.0)) == 'L0 (stride 8)'
     assert level_name(2, (8, 16)) == 'L2 (stride 8x16)'
+
+
+def test_log_counts_are_the_batch_statistics_the_log_shows():
+    """``log_counts`` (the heads' per-step counts) against ``batch_assign_stats``, with
+    uncovered gts, padding slots, outside anchors and an image without gts."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [40, 10, 3]
+    num_gts = torch.tensor([5, 0, 2, 7])
+    G = 9
+    gt_inds = torch.stack(
+        [torch.randint(-1, n + 1, (53,), generator=gen) // 2 for n in num_gts.tolist()]
+    )
+    mask = torch.arange(G)[None] < num_gts[:, None]
+    level_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    counts = log_counts(gt_inds, level_ids, 3, mask)
+    ref = batch_assign_stats(gt_inds, sizes, num_gts, num_gt_slots=G)
+    assert counts[:3].tolist() == ref.pos_per_level.tolist()
+    assert counts[3] == ref.num_gts == 14
+    assert counts[3] - counts[4] == ref.num_gts_without_pos > 0
+    values = log_values(counts.tolist(), 4)
+    assert values['train/assign/pos_l1'] == ref.pos_per_level[1].item() / 4
+    assert values['train/assign/gts_without_pos'] == ref.num_gts_without_pos.item() / 14
+    assert log_values([0, 0, 0, 0, 0], 2)['train/assign/gts_without_pos'] == 0.0  # no gts
