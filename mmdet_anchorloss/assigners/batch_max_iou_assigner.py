@@ -1,6 +1,6 @@
 """MaxIoUAssigner for the whole batch: one IoU tensor, no loop over images or gts."""
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from mmdet.models.task_modules.assigners import AssignResult, BboxOverlaps2D, MaxIoUAssigner
@@ -29,8 +29,8 @@ class Overlaps(NamedTuple):
         gt_max, gt_argmax (Tensor): (B, G) best IoU of each gt and its first anchor
             (gt_argmax None where the assigner does not read it: the Triton path with
             ``gt_max_assign_all``).
-        ties (Callable[[Tensor], Tensor]): (B, G) bool eligible gts -> (B, N) long, 1 + the
-            highest eligible gt whose best IoU the anchor ties, else 0.
+        ties (Callable[[], Tensor]): () -> (B, N) long, 1 + the highest eligible gt (real,
+            best IoU >= ``min_pos_iou``) whose best IoU the anchor ties, else 0.
         triton (bool): found by the Triton kernels (the finalize step is one too).
     """
 
@@ -38,7 +38,7 @@ class Overlaps(NamedTuple):
     argmax_ov: Tensor
     gt_max: Tensor
     gt_argmax: Optional[Tensor]
-    ties: Callable[[Tensor], Tensor]
+    ties: Callable[[], Tensor]
     triton: bool = False
 
 
@@ -121,21 +121,20 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         G = gts.bboxes.size(1)
         gt_mask = gts.mask
         ignored = self._ignored_anchors(anchors, ignore, B) if ignore is not None else None
-        ov = self._overlaps(anchors, inside, gts, ignored)
-        gt_max = ov.gt_max
-        low = None
-        if self.match_low_quality:
-            eligible = (gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
-            if self.gt_max_assign_all:
-                low = ov.ties(eligible)
-            else:  # each gt claims its first best anchor; later gts overwrite earlier ones
-                low = torch.zeros(B, N, dtype=torch.long, device=device)
-                gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
-                low.scatter_reduce_(1, ov.gt_argmax, torch.where(eligible, gt_ids, 0), 'amax')
         lo, hi = (
             self.neg_iou_thr if isinstance(self.neg_iou_thr, tuple) else (0.0, self.neg_iou_thr)
         )
-        thresholds = (float(lo), float(hi), float(self.pos_iou_thr))
+        thresholds = (float(lo), float(hi), float(self.pos_iou_thr), float(self.min_pos_iou))
+        ov = self._overlaps(anchors, inside, gts, ignored, thresholds)
+        low = None
+        if self.match_low_quality:
+            if self.gt_max_assign_all:
+                low = ov.ties()
+            else:  # each gt claims its first best anchor; later gts overwrite earlier ones
+                eligible = (ov.gt_max >= self.min_pos_iou) & gt_mask  # (B, G)
+                low = torch.zeros(B, N, dtype=torch.long, device=device)
+                gt_ids = torch.arange(1, G + 1, device=device).expand(B, G)
+                low.scatter_reduce_(1, ov.gt_argmax, torch.where(eligible, gt_ids, 0), 'amax')
         has_gt = gt_mask.any(dim=1, keepdim=True)
         if ov.triton:  # one launch
             gt_inds, max_ov, labels = triton_module().assign_finalize(
@@ -151,14 +150,21 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
         if low is None:
             low = torch.zeros(B, N, dtype=torch.long, device=device)
         gt_inds, max_ov, labels = finalize_assignment(
-            ov.max_ov, ov.argmax_ov, low, inside, has_gt, gts.labels, *thresholds
+            ov.max_ov, ov.argmax_ov, low, inside, has_gt, gts.labels, *thresholds[:3]
         )
         return BatchAssignResult(gt_inds, max_ov, labels, gt_mask.sum(dim=1))
 
     def _overlaps(
-        self, anchors: Tensor, inside: Tensor, gts: PaddedBoxes, ignored: Optional[Tensor]
+        self,
+        anchors: Tensor,
+        inside: Tensor,
+        gts: PaddedBoxes,
+        ignored: Optional[Tensor],
+        thresholds: Tuple[float, float, float, float],
     ) -> 'Overlaps':
         """IoU maxima both ways, and the low-quality tie pass, for the whole batch.
+
+        ``thresholds``: lo, hi, pos_iou_thr and min_pos_iou (the ties read the last).
 
         On CUDA with Triton and the default IoU calculator: one kernel launch for the maxima
         and one for the ties, whatever B, G and N (``triton_kernels.assign_overlaps``).
@@ -180,8 +186,14 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
                 argmax_ov,
                 gt_max,
                 gt_argmax,
-                lambda eligible: kernels.assign_ties(
-                    gts.bboxes, gts.mask, anchors, inside, ignored, gt_max, eligible
+                lambda: kernels.assign_ties(
+                    gts.bboxes,
+                    gts.mask,
+                    anchors,
+                    inside,
+                    ignored,
+                    gt_max,
+                    device_constant(thresholds, anchors.device, torch.float32),
                 ),
                 triton=True,
             )
@@ -216,8 +228,16 @@ class BatchMaxIoUAssigner(MaxIoUAssigner):
             argmax_ov,
             gt_max,
             gt_argmax,
-            lambda eligible: self._tied_anchors(
-                anchors, gts, ignored, gt_max, eligible, ties, inside, bounds, chunk_max
+            lambda: self._tied_anchors(
+                anchors,
+                gts,
+                ignored,
+                gt_max,
+                (gt_max >= thresholds[3]) & gts.mask,
+                ties,
+                inside,
+                bounds,
+                chunk_max,
             ),
         )
 

@@ -8,7 +8,7 @@ from mmdet.models.task_modules.prior_generators import AnchorGenerator
 from mmdet.structures.bbox import cat_boxes, get_box_tensor
 from torch import Tensor
 
-from ..kernels.sync_policy import device_constant, upload
+from ..kernels.sync_policy import device_constant, remember, upload
 
 
 class BatchAnchors(NamedTuple):
@@ -136,8 +136,26 @@ def batch_anchors(
     """
     featmap_sizes = [tuple(int(v) for v in s) for s in featmap_sizes]
     grid = _grid(prior_generator, featmap_sizes, device, cache)
+    pad_shapes = tuple(tuple(m['pad_shape'][:2]) for m in batch_img_metas)
+    img_shapes = tuple(tuple(m['img_shape'][:2]) for m in batch_img_metas)
+    # The flags depend only on the images' shapes, which repeat from step to step with
+    # fixed-size inputs: kept with the grid per batch layout.
+    inside = remember(
+        grid.tables,
+        ('inside', pad_shapes, img_shapes if allowed_border >= 0 else None, allowed_border),
+        lambda: _inside_flags(
+            prior_generator, grid, featmap_sizes, pad_shapes, img_shapes, allowed_border, device
+        ),
+    )
+    return BatchAnchors(grid.anchors, inside, grid.level_sizes, grid.level_ids, grid.tables)
+
+
+def _inside_flags(
+    prior_generator, grid: _Grid, featmap_sizes, pad_shapes, img_shapes, allowed_border, device
+) -> Tensor:
+    """(B, N) bool: valid (inside the padded image) and, with ``allowed_border`` >= 0,
+    inside ``img_shape`` by that border."""
     anchors = grid.anchors
-    pad_shapes = [tuple(m['pad_shape'][:2]) for m in batch_img_metas]
     if type(prior_generator).valid_flags is AnchorGenerator.valid_flags:
         valid = _batch_valid_flags(prior_generator, grid, featmap_sizes, pad_shapes)
     else:  # a generator with its own valid_flags: ask it, image by image
@@ -146,9 +164,7 @@ def batch_anchors(
         )
     inside = valid
     if allowed_border >= 0:
-        img_hw = upload(
-            [list(m['img_shape'][:2]) for m in batch_img_metas], device, dtype=anchors.dtype
-        )
+        img_hw = upload([list(hw) for hw in img_shapes], device, dtype=anchors.dtype)
         img_h, img_w = img_hw[:, :1], img_hw[:, 1:]
         inside = (
             valid
@@ -157,4 +173,4 @@ def batch_anchors(
             & (anchors[None, :, 2] < img_w + allowed_border)
             & (anchors[None, :, 3] < img_h + allowed_border)
         )
-    return BatchAnchors(anchors, inside, grid.level_sizes, grid.level_ids, grid.tables)
+    return inside

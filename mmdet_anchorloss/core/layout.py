@@ -14,7 +14,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels.sync_policy import device_constant, upload
+from ..kernels.sync_policy import device_constant, remember, upload
 
 
 def class_planes(x: Tensor, num_base: int) -> Tensor:
@@ -116,20 +116,14 @@ def gather_anchor_rows(
     # make a few ops, where a gather per level makes five per level, and as many again in
     # the backward. Where each anchor's values lie in that copy is a table per map shapes,
     # kept in ``tables`` (the anchor grid's, which lives as long as the grid).
-    key = ('gather_anchor_rows', tuple(tuple(m.shape) for m in maps), tuple(num_base_priors))
-    found = None if tables is None else tables.get(key)
-    if found is None:
-        found = tuple(upload(t, anchor_inds.device) for t in row_table(*key[1:]))
-        if tables is not None:
-            if len(tables) >= MAX_TABLES:
-                tables.pop(next(iter(tables)))
-            tables[key] = found
-    first, stride = found
+    shapes = tuple(tuple(m.shape) for m in maps)
+    first, stride = remember(
+        {} if tables is None else tables,
+        ('gather_anchor_rows', shapes, tuple(num_base_priors)),
+        lambda: tuple(upload(t, anchor_inds.device) for t in row_table(shapes, num_base_priors)),
+    )
     flat = torch.cat([m.reshape(-1) for m in maps])
     return flat.take(first[anchor_inds] + (batch_inds * stride[anchor_inds])[:, None])
-
-
-MAX_TABLES = 4  # per anchor grid: batch sizes seen with one feature-map size
 
 
 def row_table(shapes: Tuple[Tuple[int, ...], ...], num_base_priors: Tuple[int, ...]):

@@ -15,6 +15,8 @@ def rows_of(loss: Tensor, num_rows: int) -> Tensor:
         return loss.expand(num_rows) / max(num_rows, 1)
     if num_rows == 0:  # no positive in the batch; reshape(0, -1) is ambiguous
         return loss.reshape(-1)[:0]
+    if loss.dim() >= 2 and loss.size(0) == num_rows:
+        return loss.flatten(1).sum(dim=1)  # no view op for the usual (R, K)
     return loss.reshape(num_rows, -1).sum(dim=1)
 
 

@@ -28,7 +28,7 @@ def sample_batch(
     if isinstance(sampler, PseudoSampler):
         pos = assign.gt_inds > 0
         neg = assign.gt_inds == 0
-        avg_factor = pos.sum(dim=1).clamp(min=1).sum().float()
+        avg_factor = pos.sum(dim=1).clamp(min=1).sum(dtype=torch.float32)
         return pos, neg, avg_factor
     if type(sampler) is RandomSampler and not sampler.add_gt_as_proposals:
         return _sample_random(sampler, assign)

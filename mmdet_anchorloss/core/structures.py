@@ -74,7 +74,9 @@ def pad_instances(
             out_labels.index_copy_(0, index, torch.cat(labels))
         else:
             out_labels.index_fill_(0, index, 0)
-    mask = torch.arange(num, device=device) < upload(counts, device, torch.long)[:, None]
+    # the mask from the host, where it is known: one copy, no op on the device
+    mask = upload([[j < n for j in range(num)] for n in counts], device, torch.bool)
+    mask = mask.view(B, num) if B == 0 else mask
     out_boxes, out_labels = out_boxes.view(B, num, 4), out_labels.view(B, num)
     return PaddedBoxes(out_boxes, out_labels, mask)
 

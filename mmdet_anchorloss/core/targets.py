@@ -88,5 +88,5 @@ def positions(mask: Tensor, count: Optional[int] = None) -> Tuple[Tensor, Tensor
     """
     if count is None or not hasattr(torch, 'nonzero_static'):
         return mask.nonzero(as_tuple=True)
-    rows, cols = torch.nonzero_static(mask, size=count).t().contiguous()
+    rows, cols = torch.nonzero_static(mask, size=count).unbind(1)  # strided views
     return rows, cols

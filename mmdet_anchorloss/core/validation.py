@@ -88,12 +88,11 @@ def gt_problems(gts: PaddedBoxes, num_classes: int) -> Tensor:
     """(B, G) bool, on the device: real boxes that are not finite, have x2 < x1 or y2 < y1,
     or (when ``num_classes`` > 0) a label outside [0, num_classes). No host sync."""
     b = gts.bboxes
-    corners = b.unflatten(-1, (2, 2))  # (B, G, 2, 2): (x1, y1), (x2, y2)
     # |v| < inf is False for NaN and +-inf: ``isfinite`` in two ops (it dispatches four)
-    ok = (b.abs() < math.inf).all(dim=-1) & (corners[..., 1, :] >= corners[..., 0, :]).all(dim=-1)
+    ok = torch.cat([b.abs() < math.inf, b[..., 2:] >= b[..., :2]], dim=-1).all(dim=-1)
     if num_classes > 0:
         ok = ok & (gts.labels.clamp(0, num_classes - 1) == gts.labels)
-    return ~ok & gts.mask
+    return gts.mask > ok  # real and not ok, in one op
 
 
 def raise_gt_error(

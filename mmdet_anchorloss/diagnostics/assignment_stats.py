@@ -277,7 +277,13 @@ def batch_assign_stats(
     )
 
 
-def log_counts(gt_inds: Tensor, level_ids: Tensor, num_levels: int, gt_mask: Tensor) -> Tensor:
+def log_counts(
+    gt_inds: Tensor,
+    level_ids: Tensor,
+    num_levels: int,
+    gt_mask: Tensor,
+    read_with: Sequence[Tensor] = (),
+) -> Tensor:
     """What the training log shows of a batch's assignment, without host sync.
 
     ``batch_assign_stats``'s ``pos_per_level``, ``num_gts`` and the gts with a positive
@@ -289,24 +295,27 @@ def log_counts(gt_inds: Tensor, level_ids: Tensor, num_levels: int, gt_mask: Ten
         level_ids (Tensor): (N,) long, level of each anchor.
         num_levels (int): L.
         gt_mask (Tensor): (B, G) bool, real gts; ``gt_inds`` <= G.
+        read_with (Sequence[Tensor]): 0-d long values the caller reads back with the
+            counts (the heads: the number of sampled positives); they come first.
 
     Returns:
-        Tensor: (L + 2,) long: positives per level, then the number of gts and the number
-        of gts that some anchor is assigned to (``log_values`` turns them into log keys).
+        Tensor: (len(read_with) + 2 + L,) long: ``read_with``, the number of gts, the
+        number of gts that some anchor is assigned to, and the positives per level
+        (``log_values`` turns the last 2 + L into log keys).
     """
     pos_per_anchor = (gt_inds > 0).sum(dim=0)  # (N,)
     pos_per_level = gt_inds.new_zeros(num_levels).index_add_(0, level_ids, pos_per_anchor)
     covered = gt_inds.new_zeros(gt_inds.size(0), gt_mask.size(1) + 1)  # slot 0: not positive
     covered.scatter_(1, gt_inds.clamp(min=0), 1)
-    totals = torch.stack([gt_mask.sum(), covered[:, 1:].sum()])
-    return torch.cat([pos_per_level, totals])
+    totals = torch.stack([*read_with, gt_mask.sum(), covered[:, 1:].sum()])
+    return torch.cat([totals, pos_per_level])
 
 
 def log_values(counts: Sequence[float], num_images: int) -> Dict[str, float]:
     """The training-log keys from ``log_counts``, read back.
 
     Args:
-        counts (Sequence[float]): ``log_counts``'s L + 2 values.
+        counts (Sequence[float]): ``log_counts``'s 2 + L values (without ``read_with``).
         num_images (int): B.
 
     Returns:
@@ -314,7 +323,7 @@ def log_values(counts: Sequence[float], num_images: int) -> Dict[str, float]:
         ``train/assign/gts_without_pos`` (the share of the batch's gts that no anchor is
         assigned to).
     """
-    *per_level, num_gts, covered = counts
+    num_gts, covered, *per_level = counts
     out = {f'train/assign/pos_l{lvl}': v / max(num_images, 1) for lvl, v in enumerate(per_level)}
     out['train/assign/gts_without_pos'] = (num_gts - covered) / max(num_gts, 1.0)
     return out

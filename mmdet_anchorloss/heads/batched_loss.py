@@ -171,8 +171,11 @@ class BatchedAnchorLossMixin:
         # The target step's one read-back: the number of positives (so that they are found
         # without another sync) and, with it, the counts for the training log.
         if self.log_assign_stats:
-            counts = log_counts(assign.gt_inds, anchors.level_ids, len(anchors.level_sizes), gts.mask)
-            num_pos, *stat_values = torch.cat([pos.sum().view(1), counts]).tolist()
+            levels = len(anchors.level_sizes)
+            read = log_counts(
+                assign.gt_inds, anchors.level_ids, levels, gts.mask, read_with=[pos.sum()]
+            )
+            num_pos, *stat_values = read.tolist()
         else:
             num_pos, stat_values = pos.sum().tolist(), []
         options = TargetOptions(

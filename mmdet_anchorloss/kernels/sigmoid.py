@@ -122,20 +122,21 @@ loss_and_grad_kernel = kernel(_loss_and_grad, eager=_eager_loss_and_grad)
 loss_only_kernel = kernel(_loss_only, eager=_eager_loss_only)
 
 
-def _triton_levels(labels, coef, params, num_base_priors, levels, grad_scales=None):
+def _triton_levels(labels, weights, scale, params, num_base_priors, levels, grad_scales=None):
     """Per-level totals, or gradients scaled by ``grad_scales`` (L,), through
-    ``triton_kernels.sigmoid_level_loss``: one kernel per level."""
+    ``triton_kernels.sigmoid_level_loss``: one kernel per level. ``weights`` (B, N) and the
+    one-element ``scale`` are multiplied as the kernel reads them."""
     kernels = triton_module()
     want_grad = grad_scales is not None
     tiles = max(kernels.sigmoid_tiles(x, a) for x, a in zip(levels, num_base_priors))
     # the forward's per-tile sums, one zero-padded row per level, summed at once; the
     # backward's are not needed: one scratch row for every level
-    partials = coef.new_empty(1, tiles) if want_grad else coef.new_zeros(len(levels), tiles)
+    partials = weights.new_empty(1, tiles) if want_grad else weights.new_zeros(len(levels), tiles)
     grads, start = [], 0
     for lvl, (x, a) in enumerate(zip(levels, num_base_priors)):
         _, grad = kernels.sigmoid_level_loss(
             x,
-            coef,
+            weights,
             labels,
             start,
             a,
@@ -145,6 +146,7 @@ def _triton_levels(labels, coef, params, num_base_priors, levels, grad_scales=No
             scale_index=lvl,
             partial=partials,
             partial_offset=0 if want_grad else lvl * tiles,
+            coef_scale=scale,
         )
         grads.append(grad)
         start += a * x.size(2) * x.size(3)
@@ -180,11 +182,12 @@ class SigmoidLevelsLoss(torch.autograd.Function):
             # logit once for the loss; the backward reads it once more and writes the
             # gradient once, scaled by the incoming gradient in the same pass: on CUDA that
             # scale cannot be read without a host sync, so it is not known here.
-            coef, labels = (weights * scale).float().contiguous(), labels.contiguous()
+            weights, labels = weights.float().contiguous(), labels.contiguous()
+            scale = scale.float()  # 0-d, read by the kernels as they go
             ctx.triton = (params, list(num_base_priors))
             if want_grad:
-                ctx.save_for_backward(coef, labels, *levels)
-            return _triton_levels(labels, coef, params, num_base_priors, levels)[0]
+                ctx.save_for_backward(weights, scale, labels, *levels)
+            return _triton_levels(labels, weights, scale, params, num_base_priors, levels)[0]
         ctx.triton = None
         x4s = [class_planes(x, a) for x, a in zip(levels, num_base_priors)]
         shapes = [tuple(x.shape) for x in x4s]
@@ -225,10 +228,12 @@ class SigmoidLevelsLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_totals: Tensor):
         if ctx.triton is not None:
-            coef, labels, *levels = ctx.saved_tensors
+            weights, scale, labels, *levels = ctx.saved_tensors
             params, num_base_priors = ctx.triton
             scales = grad_totals.float().contiguous()
-            _, grads = _triton_levels(labels, coef, params, num_base_priors, levels, scales)
+            _, grads = _triton_levels(
+                labels, weights, scale, params, num_base_priors, levels, scales
+            )
             return (None, None, None, None, None, None, *grads)
         grads = ctx.__dict__.pop('grads', None)  # handed over, so autograd can keep them
         if grads is None:

@@ -20,7 +20,7 @@ waits for the GPU too. ``upload`` copies through pinned memory without waiting, 
 
 import collections
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -81,4 +81,23 @@ def device_constant(values, device, dtype: Optional[torch.dtype] = None) -> Tens
         _CONSTANTS[key] = found
     else:
         _CONSTANTS.move_to_end(key)
+    return found
+
+
+def remember(store: dict, key, make: Callable[[], object], limit: int = 2):
+    """``store[key]``, made by ``make()`` on the first call; ``store`` keeps the ``limit``
+    newest keys of each kind (``key[0]``).
+
+    For device tensors derived from host values that repeat between steps (per map
+    shapes, per batch of image shapes), kept as long as their owner (an anchor grid) lives;
+    the caller must not modify them in place. The limit is small: these are as large as the
+    anchors, and the heads keep up to 16 grids.
+    """
+    found = store.get(key)
+    if found is None:
+        found = make()
+        same_kind = [k for k in store if k[0] == key[0]]
+        if len(same_kind) >= limit:
+            del store[same_kind[0]]
+        store[key] = found
     return found

@@ -84,6 +84,7 @@ if triton is not None:
     def _sigmoid_level_kernel(
         x_ptr,
         coef_ptr,
+        coef_scale_ptr,
         label_ptr,
         grad_ptr,
         grad_scale_ptr,
@@ -100,6 +101,7 @@ if triton is not None:
         C: tl.constexpr,
         GAMMA_MODE: tl.constexpr,
         WANT_GRAD: tl.constexpr,
+        HAS_COEF_SCALE: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):
@@ -115,6 +117,8 @@ if triton is not None:
         mask = (c < C)[:, None] & s_ok[None, :]
         anchor = b.to(tl.int64) * N + level_start + s * A + a  # (b, n), n in mmdet's order
         coef = tl.load(coef_ptr + anchor, mask=s_ok, other=0.0)[None, :]
+        if HAS_COEF_SCALE:  # the product the caller would have formed, in the same float32
+            coef = coef * tl.load(coef_scale_ptr)
         label = tl.load(label_ptr + anchor, mask=s_ok, other=-1)[None, :]
         offs = (ba.to(tl.int64) * C + c)[:, None] * S + s[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -193,10 +197,11 @@ if triton is not None:
         G,
         eps,
         HAS_IGNORED: tl.constexpr,
+        WANT_ARG: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """One image, BLOCK anchors, every gt: each anchor's best IoU and gt; each gt's
-        best IoU and first anchor within the block."""
+        best IoU and (with WANT_ARG) first anchor within the block."""
         b = tl.program_id(1)
         blk = tl.program_id(0)
         n = blk * BLOCK + tl.arange(0, BLOCK)
@@ -223,10 +228,11 @@ if triton is not None:
             best = tl.where(better, ov, best)
             # this gt's best anchor in the block: the first one reaching the block's max
             m = tl.max(ov, axis=0)
-            first = tl.min(tl.where(ov == m, n, N + BLOCK), axis=0)
             slot = (b.to(tl.int64) * G + g) * nblocks + blk
             tl.store(block_max_ptr + slot, m)
-            tl.store(block_arg_ptr + slot, first.to(tl.int64))
+            if WANT_ARG:
+                first = tl.min(tl.where(ov == m, n, N + BLOCK), axis=0)
+                tl.store(block_arg_ptr + slot, first.to(tl.int64))
         tl.store(max_ptr + row, best, mask=ok)
         tl.store(argmax_ptr + row, best_gt, mask=ok)
 
@@ -238,7 +244,7 @@ if triton is not None:
         inside_ptr,
         ignored_ptr,
         gt_max_ptr,
-        eligible_ptr,
+        threshold_ptr,
         low_ptr,
         N,
         G,
@@ -246,14 +252,16 @@ if triton is not None:
         HAS_IGNORED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """1 + the highest eligible gt whose best IoU each anchor ties, else 0 (upstream
-        loops over gts and later gts overwrite earlier ones)."""
+        """1 + the highest eligible gt (best IoU >= min_pos_iou, ``threshold_ptr[3]``) whose
+        best IoU each anchor ties, else 0 (upstream loops over gts and later gts overwrite
+        earlier ones)."""
         b = tl.program_id(1)
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ax1, ay1, ax2, ay2, inside, ignored, row = _anchor_block(
             anchor_ptr, inside_ptr, ignored_ptr, b, n, N, HAS_IGNORED
         )
         ok = n < N
+        min_pos_iou = tl.load(threshold_ptr + 3)  # float32, as upstream's compare casts it
         low = tl.zeros((BLOCK,), tl.int64)
         for g in range(0, G):
             gi = b.to(tl.int64) * G + g
@@ -262,12 +270,12 @@ if triton is not None:
             gx2 = tl.load(gt_ptr + gi * 4 + 2)
             gy2 = tl.load(gt_ptr + gi * 4 + 3)
             real = tl.load(gt_mask_ptr + gi) != 0
-            wanted = tl.load(eligible_ptr + gi) != 0
             target = tl.load(gt_max_ptr + gi)
             ov = _iou(gx1, gy1, gx2, gy2, ax1, ay1, ax2, ay2, eps)
             if HAS_IGNORED:
                 ov = tl.where(ignored, -1.0, ov)
-            tie = (ov == target) & inside & real & wanted & ok
+            # eligible: best IoU >= min_pos_iou, tested on ov, which equals it where it ties
+            tie = (ov == target) & (ov >= min_pos_iou) & inside & real & ok
             low = tl.where(tie, g + 1, low)
         tl.store(low_ptr + row, low, mask=ok)
 
@@ -405,6 +413,7 @@ def sigmoid_level_loss(
     scale_index: int = 0,
     partial: Optional[Tensor] = None,
     partial_offset: int = 0,
+    coef_scale: Optional[Tensor] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Sigmoid focal / BCE loss of one level map, targets from the labels, in one pass.
 
@@ -415,7 +424,8 @@ def sigmoid_level_loss(
 
     Args:
         x (Tensor): (B, A * C, H, W) logits of the level (float32, float16 or bfloat16).
-        coef (Tensor): (B, N) float32, per-anchor weight times the loss scale, all levels.
+        coef (Tensor): (B, N) float32, per-anchor weight (times the loss scale, unless
+            ``coef_scale`` gives it), all levels.
         labels (Tensor): (B, N) long in [0, C]; C is background.
         level_start (int): index of this level's first anchor in N.
         num_base (int): A, anchors per location.
@@ -428,6 +438,8 @@ def sigmoid_level_loss(
             ``sigmoid_tiles`` of them from element ``partial_offset`` on (the caller sums
             them; the total returned is then None). Default: a buffer of its own, summed
             here. An offset rather than a view of a shared buffer: a view is one more op.
+        coef_scale (Tensor, optional): one float32 on the device that multiplies ``coef``
+            as the kernel reads it (the same product as ``coef * coef_scale``, one op less).
 
     Returns:
         tuple[Tensor | None, Tensor | None]: () float32 total (None with ``partial``);
@@ -445,6 +457,7 @@ def sigmoid_level_loss(
     _sigmoid_level_kernel[grid](
         x,
         coef,
+        coef if coef_scale is None else coef_scale,  # not read without HAS_COEF_SCALE
         labels,
         grad,
         grad_scale,
@@ -461,6 +474,7 @@ def sigmoid_level_loss(
         C=AC // num_base,
         GAMMA_MODE=_gamma_mode(float(gamma)),
         WANT_GRAD=want_grad,
+        HAS_COEF_SCALE=coef_scale is not None,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         num_warps=8,
@@ -504,7 +518,7 @@ def assign_overlaps(
         anchors (Tensor): (N, 4). inside (Tensor): (B, N) bool.
         ignored (Tensor, optional): (B, N) bool, anchors covered by an ignore box (IoU -1).
         want_gt_argmax (bool): also find each gt's first best anchor (only the assigner's
-            ``gt_max_assign_all=False`` reads it; it costs six small ops).
+            ``gt_max_assign_all=False`` reads it; it costs a buffer and six small ops).
 
     Returns:
         tuple: max_ov (B, N) float, argmax_ov (B, N) long; gt_max (B, G) float and
@@ -515,7 +529,11 @@ def assign_overlaps(
     max_ov = torch.empty(B, N, dtype=torch.float32, device=anchors.device)
     argmax_ov = torch.empty(B, N, dtype=torch.long, device=anchors.device)
     block_max = torch.empty(B, G, grid[0], dtype=torch.float32, device=anchors.device)
-    block_arg = torch.empty(B, G, grid[0], dtype=torch.long, device=anchors.device)
+    block_arg = (  # not written without WANT_ARG
+        torch.empty(B, G, grid[0], dtype=torch.long, device=anchors.device)
+        if want_gt_argmax
+        else argmax_ov
+    )
     _assign_max_kernel[grid](
         *args,
         max_ov,
@@ -526,6 +544,7 @@ def assign_overlaps(
         G,
         IOU_EPS,
         HAS_IGNORED=has_ignored,
+        WANT_ARG=want_gt_argmax,
         BLOCK=ASSIGN_BLOCK,
         **_EXACT,
     )
@@ -544,15 +563,20 @@ def assign_ties(
     inside: Tensor,
     ignored: Optional[Tensor],
     gt_max: Tensor,
-    eligible: Tensor,
+    thresholds: Tensor,
 ) -> Tensor:
-    """(B, N) long: 1 + the highest eligible gt whose best IoU ``gt_max`` the anchor ties."""
+    """(B, N) long: 1 + the highest eligible gt whose best IoU ``gt_max`` the anchor ties.
+
+    A gt is eligible when real and its best IoU is at least ``thresholds[3]`` (the
+    assigner's ``min_pos_iou``; ``thresholds`` is ``assign_finalize``'s, float32 on the
+    device).
+    """
     args, (B, G, N, has_ignored) = _assign_args(gts, gt_mask, anchors, inside, ignored)
     low = torch.empty(B, N, dtype=torch.long, device=anchors.device)
     _assign_ties_kernel[(triton.cdiv(N, ASSIGN_BLOCK), B)](
         *args,
         gt_max.float().contiguous(),
-        eligible.contiguous(),
+        thresholds,
         low,
         N,
         G,
@@ -573,41 +597,45 @@ def assign_finalize(
     gt_labels: Tensor,
     thresholds: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``iou.finalize_assignment`` in one launch (the torch version is some 25 ops eagerly).
+    """``iou.finalize_assignment`` in one launch (the torch version is some 25 ops eagerly),
+    written over its inputs: ``argmax_ov`` becomes gt_inds, ``max_ov`` the overlaps and
+    ``low`` (when given) the labels. Each element is read before the same program writes it.
 
     Args:
-        max_ov, argmax_ov (Tensor): (B, N) each anchor's best IoU and its gt.
+        max_ov (Tensor): (B, N) float32, each anchor's best IoU.
+        argmax_ov (Tensor): (B, N) long, its gt.
         low (Tensor, optional): (B, N) long, low-quality matches (1-based gt, 0: none).
         inside (Tensor): (B, N) bool. has_gt (Tensor): (B, 1) bool.
         gt_labels (Tensor): (B, G) long.
-        thresholds (Tensor): (3,) float32 on the device: lo, hi (negatives) and the
-            positive threshold.
+        thresholds (Tensor): float32 on the device: lo, hi (negatives), the positive
+            threshold (and min_pos_iou, read by ``assign_ties``).
 
     Returns:
         tuple[Tensor, Tensor, Tensor]: gt_inds (B, N) long, max_overlaps (B, N) float32
         (0 for images without gts) and labels (B, N) long (-1 unless positive).
     """
     B, N = max_ov.shape
-    gt_inds = torch.empty(B, N, dtype=torch.long, device=max_ov.device)
-    overlaps = torch.empty(B, N, dtype=torch.float32, device=max_ov.device)
-    labels = torch.empty(B, N, dtype=torch.long, device=max_ov.device)
+    for name, t, dtype in (('max_ov', max_ov, torch.float32), ('argmax_ov', argmax_ov, torch.long)):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f'{name} must be contiguous {dtype}, got {t.dtype}')
+    labels = torch.empty_like(argmax_ov) if low is None else low.contiguous()
     _assign_finalize_kernel[(triton.cdiv(N, ASSIGN_BLOCK), B)](
-        max_ov.contiguous(),
-        argmax_ov.contiguous(),
-        gt_inds if low is None else low.contiguous(),  # not read without HAS_LOW
+        max_ov,
+        argmax_ov,
+        labels,  # the low-quality matches, when there are: read, then overwritten
         inside.contiguous(),
         has_gt.contiguous(),
         gt_labels.contiguous(),
         thresholds,
-        gt_inds,
-        overlaps,
+        argmax_ov,
+        max_ov,
         labels,
         N,
         gt_labels.size(1),
         HAS_LOW=low is not None,
         BLOCK=ASSIGN_BLOCK,
     )
-    return gt_inds, overlaps, labels
+    return argmax_ov, max_ov, labels
 
 
 def softmax_ce_forward(x4: Tensor, labels4: Tensor) -> Tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import build, make_batch, retina_cfg, to_plugin
+from helpers import build, make_batch, retina_cfg, rpn_cfg, to_plugin
 from mmengine.logging import MessageHub
 
 from mmdet_anchorloss.heads.batched_loss import LossInputs
@@ -100,3 +100,32 @@ def test_plugin_ssd_head_predicts():
         torch.testing.assert_close(g.scores, r.scores)
         assert torch.equal(g.labels, r.labels)
     assert not torch.equal(got[0].bboxes, got[1].bboxes)  # rescaled per image
+
+
+def test_inside_flags_kept_per_batch_of_image_shapes_are_upstreams():
+    """The inside flags are kept with the anchor grid per batch of image shapes: batches of
+    one feature-map size in turn, with other image shapes and a repeat, each get
+    upstream's flags (``valid_flags`` by pad shape, ``anchor_inside_flags`` by image shape,
+    the RPN's allowed_border 0)."""
+    from mmdet.models.task_modules.prior_generators import anchor_inside_flags
+
+    head = build(to_plugin(rpn_cfg(train_cfg=dict(allowed_border=0))))  # mmdet's RPN's
+    layouts = [
+        [(100, 120), (64, 90)],
+        [(128, 128), (30, 128)],  # same batch shape, other images
+        [(100, 120), (64, 90)],  # the first again: kept
+        [(100, 100), (64, 90)],
+    ]
+    seen = []
+    for shapes in layouts:
+        cls, _, gts, metas, _ = make_batch(head, 0, (2, 1), shapes)
+        sizes = [tuple(c.shape[-2:]) for c in cls]
+        assert sizes == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]  # one grid for all
+        a = head.batch_targets(sizes, gts, metas, None, device=torch.device('cpu')).anchors
+        for i, meta in enumerate(metas):
+            valid = torch.cat(head.prior_generator.valid_flags(sizes, meta['pad_shape'], 'cpu'))
+            want = anchor_inside_flags(a.anchors, valid, meta['img_shape'], 0)
+            assert torch.equal(a.inside[i], want), (shapes, i)
+        seen.append(a.inside)
+    assert seen[2] is seen[0] and seen[1] is not seen[0]
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[3])

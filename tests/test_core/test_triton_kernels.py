@@ -257,9 +257,11 @@ def test_switch_off(tk, monkeypatch):
         {},
         dict(gt_max_assign_all=False),
         dict(min_pos_iou=0.3, neg_iou_thr=(0.1, 0.4)),
+        dict(min_pos_iou=0.8, pos_iou_thr=0.9),
         dict(ignore_iof_thr=0.5),
+        dict(match_low_quality=False),
     ],
-    ids=['default', 'first_anchor_only', 'min_pos_iou', 'ignore'],
+    ids=['default', 'first_anchor_only', 'min_pos_iou', 'some_gts_below', 'ignore', 'no_low'],
 )
 def test_assigner_kernels_equal_the_torch_path_bit_for_bit(tk, monkeypatch, options):
     """Same gt_inds, labels and max_overlaps (bitwise) with duplicates, an empty image and
@@ -288,6 +290,16 @@ def test_assigner_kernels_equal_the_torch_path_bit_for_bit(tk, monkeypatch, opti
     assert torch.equal(got.labels, ref.labels)
     assert torch.equal(got.max_overlaps, ref.max_overlaps)
     assert (ref.gt_inds > 0).any() and (ref.gt_inds == 0).any()
+    if options.get('min_pos_iou', 0) > 0.4:  # low-quality matches for some gts, not all
+        from mmdet.structures.bbox import bbox_overlaps
+
+        best = [
+            bbox_overlaps(g.bboxes, anchors.anchors[anchors.inside[i]]).amax(dim=1)
+            for i, g in enumerate(gts)
+            if len(g)
+        ]
+        best = torch.cat(best)
+        assert (best < options['min_pos_iou']).any() and (best >= options['min_pos_iou']).any()
 
 
 @needs_kernels
@@ -336,7 +348,10 @@ def test_cuda_path_ops_do_not_grow_with_batch_or_gts(tk, monkeypatch):
             launches.clear()
             with cuda_sync_policy(), count_ops() as counter:
                 losses = head.loss_by_feat(c, r, gts, metas, None)
-                sum(sum(v) for v in losses.values()).backward()
+                total = sum(sum(v) for v in losses.values())
+                # the gradients of the maps, as a network's backward hands them on to its
+                # convolutions (the maps are no leaves there: nothing is accumulated)
+                torch.autograd.grad(total, c + r)
         got = counter.result()
         # per level loss and gradient; assignment maxima, ties, finalize
         assert len(launches) == 5 + 5 + 3
@@ -346,13 +361,18 @@ def test_cuda_path_ops_do_not_grow_with_batch_or_gts(tk, monkeypatch):
     assert counts[0] <= OPS_BUDGET, counts
 
 
-# Aten ops of a RetinaNet step on the CUDA path, with the assigner's finalize step eager as
-# the tests run it (about 25 of them; on CUDA it is compiled): 365 measured at first, 277
-# after the level maps of the regression are gathered in one op, the encoding reads its
-# columns with one unbind and the sigmoid kernels share their buffers (2026-11-26); the
-# H100 run of 52d07ff counted 355. 1,145 were counted on CPU before this work. Issue 10
-# asks for 150; this bound holds what is reached.
-OPS_BUDGET = 280
+# Aten ops of a RetinaNet step on the CUDA path (issue 10 asks for at most 150). Counted
+# here: 365 at first; 277 after the regression rows came in one gather, the encoding read
+# its columns with one unbind and the sigmoid kernels shared their buffers; 144 (2026-11-26)
+# once the assignment's finalize step became a Triton kernel (it was some 25 ops eagerly),
+# the kernels read bool masks as they are, the encoding worked on (x, y) pairs, the
+# regression rows' index and the inside flags were kept with the anchor grid (per map
+# shapes and per batch of image shapes), the log counts came back with the positives'
+# count, and the step's gradients were taken as a network takes them (the maps are no
+# leaves there: 10 fewer ops than ``.backward()`` on leaf maps). On a GPU each host upload
+# adds a pin and a copy (the pad slots and mask: about 4 ops) that the CPU does not
+# dispatch. The H100 run of 52d07ff counted 355.
+OPS_BUDGET = 150
 
 
 @needs_kernels

@@ -199,11 +199,15 @@ def test_log_counts_are_the_batch_statistics_the_log_shows():
     )
     mask = torch.arange(G)[None] < num_gts[:, None]
     level_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
-    counts = log_counts(gt_inds, level_ids, 3, mask)
     ref = batch_assign_stats(gt_inds, sizes, num_gts, num_gt_slots=G)
-    assert counts[:3].tolist() == ref.pos_per_level.tolist()
-    assert counts[3] == ref.num_gts == 14
-    assert counts[3] - counts[4] == ref.num_gts_without_pos > 0
+    seven = torch.tensor(7)
+    read = log_counts(gt_inds, level_ids, 3, mask, read_with=[seven])
+    assert read[0] == 7  # what the caller reads back with them comes first
+    counts = read[1:]
+    assert counts[0] == ref.num_gts == 14
+    assert counts[0] - counts[1] == ref.num_gts_without_pos > 0
+    assert counts[2:].tolist() == ref.pos_per_level.tolist()
+    assert torch.equal(log_counts(gt_inds, level_ids, 3, mask), counts)
     values = log_values(counts.tolist(), 4)
     assert values['train/assign/pos_l1'] == ref.pos_per_level[1].item() / 4
     assert values['train/assign/gts_without_pos'] == ref.num_gts_without_pos.item() / 14
