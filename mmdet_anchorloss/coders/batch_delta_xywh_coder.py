@@ -2,6 +2,7 @@
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
 from mmdet.models.task_modules.coders.delta_xywh_bbox_coder import delta2bbox
@@ -68,15 +69,42 @@ class BatchDeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder):
             Tensor: (..., 4) decoded x1y1x2y2 boxes.
         """
         anchors = get_box_tensor(anchors).expand_as(deltas)
-        flat = delta2bbox(
-            anchors.reshape(-1, 4),
-            deltas.reshape(-1, 4),
-            self.means,
-            self.stds,
-            max_shape,
-            wh_ratio_clip,
-            self.clip_border,
-            self.add_ctr_clamp,
-            self.ctr_clamp,
+        if max_shape is not None:  # clipped: upstream's function as it is (not in the loss)
+            flat = delta2bbox(
+                anchors.reshape(-1, 4),
+                deltas.reshape(-1, 4),
+                self.means,
+                self.stds,
+                max_shape,
+                wh_ratio_clip,
+                self.clip_border,
+                self.add_ctr_clamp,
+                self.ctr_clamp,
+            )
+            return flat.view(deltas.shape)
+        return self._decode_flat(anchors.reshape(-1, 4), deltas.reshape(-1, 4), wh_ratio_clip).view(
+            deltas.shape
         )
-        return flat.view(deltas.shape)
+
+    def _decode_flat(self, rois: Tensor, deltas: Tensor, wh_ratio_clip: float) -> Tensor:
+        """``delta2bbox`` without ``max_shape``, op for op, on (M, 4) rows, with the means
+        and stds kept on the device (``delta2bbox`` copies them from the host each call, a
+        host sync on CUDA)."""
+        if deltas.size(0) == 0:
+            return deltas
+        means = device_constant(tuple(float(m) for m in self.means), deltas.device, deltas.dtype)
+        stds = device_constant(tuple(float(s) for s in self.stds), deltas.device, deltas.dtype)
+        denorm = deltas * stds + means
+        dxy, dwh = denorm[:, :2], denorm[:, 2:]
+        pxy = (rois[:, :2] + rois[:, 2:]) * 0.5
+        pwh = rois[:, 2:] - rois[:, :2]
+        dxy_wh = pwh * dxy
+        max_ratio = float(np.abs(np.log(wh_ratio_clip)))
+        if self.add_ctr_clamp:
+            dxy_wh = torch.clamp(dxy_wh, max=self.ctr_clamp, min=-self.ctr_clamp)
+            dwh = torch.clamp(dwh, max=max_ratio)
+        else:
+            dwh = dwh.clamp(min=-max_ratio, max=max_ratio)
+        gxy = pxy + dxy_wh
+        gwh = pwh * dwh.exp()
+        return torch.cat([gxy - (gwh * 0.5), gxy + (gwh * 0.5)], dim=-1)
