@@ -56,7 +56,7 @@ tail -2 "$out/mmcv_build.log"
 ls /tmp/mmcv-cuda/mmcv/_ext*.so || { el "no mmcv build"; exit 4; }
 export PYTHONPATH=/tmp/site:/tmp/mmcv-cuda:$(pwd)
 export TRITON_CACHE_DIR=/tmp/bench_triton TORCHINDUCTOR_CACHE_DIR=/tmp/bench_inductor
-for c in ${CASES:-retina-b8-g10 retina-b8-g100 rpn-b8-g10 ssd-b32-g10 retina-b8-g1000 retina-b8-g10-fp16}; do
+for c in ${CASES:-retina-b8-g10 retina-b8-g1000 retina-b8-g10-fp16 retina-b8-g100 rpn-b8-g10 ssd-b32-g10}; do
   el "bench $c"
   extra=""; [ "$c" = retina-b8-g10 ] && extra=--profile
   timeout 150 python3 tools/benchmark_loss.py --device cuda --cases $c --repeats 5 --warmup 2 $extra \
