@@ -130,8 +130,8 @@ def _triton_levels(labels, weights, scale, params, num_base_priors, levels, grad
     want_grad = grad_scales is not None
     tiles = max(kernels.sigmoid_tiles(x, a) for x, a in zip(levels, num_base_priors))
     # the forward's per-tile sums, one zero-padded row per level, summed at once; the
-    # backward's are not needed: one scratch row for every level
-    partials = weights.new_empty(1, tiles) if want_grad else weights.new_zeros(len(levels), tiles)
+    # backward makes none
+    partials = None if want_grad else weights.new_zeros(len(levels), tiles)
     grads, start = [], 0
     for lvl, (x, a) in enumerate(zip(levels, num_base_priors)):
         _, grad = kernels.sigmoid_level_loss(
@@ -144,8 +144,9 @@ def _triton_levels(labels, weights, scale, params, num_base_priors, levels, grad
             want_grad=want_grad,
             grad_scale=grad_scales,
             scale_index=lvl,
+            want_loss=not want_grad,
             partial=partials,
-            partial_offset=0 if want_grad else lvl * tiles,
+            partial_offset=lvl * tiles,
             coef_scale=scale,
         )
         grads.append(grad)

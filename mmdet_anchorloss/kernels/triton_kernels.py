@@ -100,6 +100,7 @@ if triton is not None:
         A: tl.constexpr,
         C: tl.constexpr,
         GAMMA_MODE: tl.constexpr,
+        WANT_LOSS: tl.constexpr,
         WANT_GRAD: tl.constexpr,
         HAS_COEF_SCALE: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -139,12 +140,13 @@ if triton is not None:
         soft = tl.where(target, spn, sp)
         alpha = tl.where(target, alpha_pos, alpha_neg)
         pg = _power(base, gamma, GAMMA_MODE)
-        loss = alpha * pg * soft * coef
-        tile = (tl.program_id(2) * tl.num_programs(1) + ba) * tl.num_programs(0)
-        tl.store(
-            partial_ptr + partial_offset + tile + tl.program_id(0),
-            tl.sum(tl.sum(tl.where(mask, loss, 0.0), axis=1), axis=0),
-        )
+        if WANT_LOSS:
+            loss = alpha * pg * soft * coef
+            tile = (tl.program_id(2) * tl.num_programs(1) + ba) * tl.num_programs(0)
+            tl.store(
+                partial_ptr + partial_offset + tile + tl.program_id(0),
+                tl.sum(tl.sum(tl.where(mask, loss, 0.0), axis=1), axis=0),
+            )
         if WANT_GRAD:
             # d/dx: target 0: +alpha p^g (g (1-p) sp + p); target 1: -alpha q^g (g (1-q) spn + q)
             sign = tl.where(target, -1.0, 1.0)
@@ -411,6 +413,7 @@ def sigmoid_level_loss(
     want_grad: bool = True,
     grad_scale: Optional[Tensor] = None,
     scale_index: int = 0,
+    want_loss: bool = True,
     partial: Optional[Tensor] = None,
     partial_offset: int = 0,
     coef_scale: Optional[Tensor] = None,
@@ -431,6 +434,8 @@ def sigmoid_level_loss(
         num_base (int): A, anchors per location.
         gamma, alpha_pos, alpha_neg (float): focal parameters (0, 1, 1 for BCE).
         want_grad (bool): also write the gradient.
+        want_loss (bool): sum the loss (the backward, which only wants the gradient, skips
+            the sums and their buffer).
         grad_scale (Tensor, optional): (L,) float32 on the device; entry ``scale_index``
             multiplies the gradient (the incoming gradient of this level's total); default
             1. Read by the kernel, so it costs no host sync.
@@ -442,15 +447,19 @@ def sigmoid_level_loss(
             as the kernel reads it (the same product as ``coef * coef_scale``, one op less).
 
     Returns:
-        tuple[Tensor | None, Tensor | None]: () float32 total (None with ``partial``);
-        (B, A * C, H, W) gradient in ``x``'s dtype, or None.
+        tuple[Tensor | None, Tensor | None]: () float32 total (None with ``partial`` or
+        without ``want_loss``); (B, A * C, H, W) gradient in ``x``'s dtype, or None.
     """
+    if not (want_loss or want_grad):
+        raise ValueError('sigmoid_level_loss: want_loss or want_grad must be set')
     B, AC, H, W = x.shape
     x = x.contiguous()
     grid, block_c, block_s = _sigmoid_grid(x, num_base)
-    own = partial is None
+    own = want_loss and partial is None
     if own:
         partial = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=x.device)
+    elif not want_loss:
+        partial = coef  # not written without WANT_LOSS
     grad = torch.empty_like(x) if want_grad else partial  # not written without WANT_GRAD
     if grad_scale is None:  # read only with WANT_GRAD
         grad_scale = torch.ones(1, dtype=torch.float32, device=x.device) if want_grad else coef
@@ -473,6 +482,7 @@ def sigmoid_level_loss(
         A=num_base,
         C=AC // num_base,
         GAMMA_MODE=_gamma_mode(float(gamma)),
+        WANT_LOSS=want_loss,
         WANT_GRAD=want_grad,
         HAS_COEF_SCALE=coef_scale is not None,
         BLOCK_C=block_c,
