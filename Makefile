@@ -6,6 +6,8 @@ VENV ?= .venv
 PYTHON ?= python3
 # make install WHEELHOUSE=dir: offline, from a folder that `make wheelhouse` filled.
 WHEELHOUSE ?=
+# make install WITH_TRITON=0: without triton (1 GB; the Triton kernel tests then skip on CPU).
+WITH_TRITON ?= 1
 # make wheelhouse: the target's Python version and platform tag(s) (default: this machine's).
 PYTHON_VERSION ?=
 PLATFORM ?=
@@ -21,7 +23,7 @@ DEMO_CONFIG ?= configs/shapes/retinanet_r18_fpn_shapes.py
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt tools/install.sh
-	VENV='$(VENV)' PYTHON='$(PYTHON)' WHEELHOUSE='$(WHEELHOUSE)' bash tools/install.sh
+	VENV='$(VENV)' PYTHON='$(PYTHON)' WHEELHOUSE='$(WHEELHOUSE)' WITH_TRITON='$(WITH_TRITON)' bash tools/install.sh
 	@touch $@
 
 # gpu-marked tests run when torch sees a CUDA GPU and skip without one.

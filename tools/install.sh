@@ -16,6 +16,9 @@
 #               TORCH_CUDA_ARCH_LIST on a node without GPU); 0: CPU ops only.
 #   TORCH_CUDA_ARCH_LIST  GPU architectures for mmcv's CUDA ops (default: the local GPUs').
 #   MAX_JOBS    parallel compile jobs (default: the number of cores).
+#   WITH_TRITON 1 (default): next to a CPU torch, install the pinned triton, whose
+#               interpreter runs the CUDA kernels' tests on CPU in `make test` (about 1 GB);
+#               0: skip it (those tests then skip). A CUDA torch's own triton is kept.
 #
 # Idempotent: steps whose result is already present are skipped. pip's wheel cache keeps the
 # CPU build of mmcv, so a second run on the same machine takes seconds; a CUDA build is kept
@@ -168,6 +171,20 @@ pip_install -q -c "$CONSTRAINTS" "$(pin setuptools)" "$(pin mmengine)" "$(pin mm
   "$(pin pycocotools)" "$(pin matplotlib)" "$(pin scipy)" "$(pin shapely)" \
   "$(pin terminaltables)" "$(pin tqdm)" "$(pin pytest)" "$(pin ruff)"
 pip_install -q --no-build-isolation --no-deps -e ".[dev]"
+
+say "triton for the CUDA kernels' tests on CPU (Triton's interpreter)"
+if "$PY" -c "import triton" 2>/dev/null; then
+  echo "[install]   triton $("$PY" -c 'import triton; print(triton.__version__)') present, kept"
+elif [ "${WITH_TRITON:-1}" = 0 ]; then
+  echo "[install]   skipped (WITH_TRITON=0): the Triton kernel tests will skip"
+elif "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then
+  echo "[install]   this CUDA torch has no triton: left so (one of another version could" \
+    "break torch.compile); the Triton kernels fall back to torch's"
+elif [ -n "$WHEELHOUSE" ] && ! compgen -G "$WHEELHOUSE/triton-*.whl" > /dev/null; then
+  echo "[install]   the wheelhouse has no triton: skipped; the Triton kernel tests will skip"
+else
+  pip_install -q "$(pin triton)"
+fi
 
 say "check: mmcv ops on ${DEVICE} and plugin import"
 "$PY" - "$DEVICE" <<'PY'

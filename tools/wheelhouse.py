@@ -39,8 +39,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / 'requirements' / 'constraints.txt'
 MANIFEST = 'manifest.json'
-# Never in the wheelhouse (see the module docstring).
-EXCLUDED = ('torch',)
+# Never in the wheelhouse (see the module docstring). triton: a CUDA torch brings its own,
+# and with a CPU torch it only lets the tests run the kernels through its interpreter
+# (tools/install.sh installs it when the wheelhouse has it, and goes on without it).
+EXCLUDED = ('torch', 'triton')
 # Built from source on the target; PyPI has only an sdist of mmcv 2.1.0.
 SDISTS = ('mmcv',)
 # mmcv 2.1.0's setup.py imports pkg_resources: build it with this setuptools (tools/install.sh).
