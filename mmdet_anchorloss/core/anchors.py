@@ -17,11 +17,14 @@ class BatchAnchors(NamedTuple):
     Attributes:
         anchors (Tensor): (N, 4) all levels concatenated, order (level, y, x, anchor).
         inside (Tensor): (B, N) bool, valid (inside the padded image) and inside
-            ``img_shape`` by ``allowed_border`` — the anchors upstream assigns.
+            ``img_shape`` by ``allowed_border`` — the anchors upstream assigns. Kept with
+            the grid for the next batch of the same image shapes: not to be modified in
+            place.
         level_sizes (list[int]): N_l per level, summing to N.
         level_ids (Tensor): (N,) long, level of each anchor.
-        tables (dict, optional): index tables derived from this anchor grid, kept as long
-            as the grid is (``layout.gather_anchor_rows``).
+        tables (dict, optional): tensors derived from this anchor grid, kept as long as the
+            grid is: the inside flags per batch of image shapes, ``gather_anchor_rows``'
+            index per map shapes (``sync_policy.remember``).
     """
 
     anchors: Tensor
