@@ -20,6 +20,11 @@ once for all its class rows.
 - ``softmax_ce_forward`` / ``softmax_ce_backward``: cross-entropy over the class axis of a
   (B, A, C + 1, S) map, tiles coalesced along S; the backward recomputes the softmax from
   the saved log-sum-exp instead of storing probabilities.
+- ``assign_overlaps``, ``assign_ties``, ``assign_finalize``: ``BatchMaxIoUAssigner`` for the
+  batch in three launches, whatever B, G and N: each anchor's and each gt's IoU maximum
+  (IoUs bitwise ``bbox_overlaps``'s: the division rounds as torch's), the low-quality ties,
+  then the thresholds, ties and labels. No (B, G, N) matrix; bool masks are read as they
+  are (Triton int1).
 
 Triton is optional (``pip install triton``, or the ``triton`` extra); without it, or on
 CPU, the callers use the compiled / eager torch kernels. With ``TRITON_INTERPRET=1`` set
