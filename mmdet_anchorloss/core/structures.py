@@ -1,5 +1,6 @@
 """Batched containers: ground truth padded to (B, G_max, 4) with a mask, and named results."""
 
+import itertools
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
@@ -64,7 +65,9 @@ def pad_instances(
             labels.append(lab)
     B, num = len(counts), max(counts + [1])
     # One copy of all boxes into the padded layout: row i * num + j holds box j of image i.
-    slots = [i * num + j for i, n in enumerate(counts) for j in range(n)]
+    slots = list(
+        itertools.chain.from_iterable(range(i * num, i * num + n) for i, n in enumerate(counts))
+    )
     index = upload(slots, device, dtype=torch.long)  # no host sync on CUDA
     out_boxes = torch.zeros(B * num, 4, device=device)
     out_labels = torch.full((B * num,), -1, dtype=torch.long, device=device)
@@ -75,7 +78,7 @@ def pad_instances(
         else:
             out_labels.index_fill_(0, index, 0)
     # the mask from the host, where it is known: one copy, no op on the device
-    mask = upload([[j < n for j in range(num)] for n in counts], device, torch.bool)
+    mask = upload([[True] * n + [False] * (num - n) for n in counts], device, torch.bool)
     mask = mask.view(B, num) if B == 0 else mask
     out_boxes, out_labels = out_boxes.view(B, num, 4), out_labels.view(B, num)
     return PaddedBoxes(out_boxes, out_labels, mask)

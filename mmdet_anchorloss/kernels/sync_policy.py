@@ -18,7 +18,6 @@ waits for the GPU too. ``upload`` copies through pinned memory without waiting, 
 ``device_constant`` keeps values that do not change between steps on the device.
 """
 
-import collections
 import contextlib
 from typing import Callable, Iterator, Optional
 
@@ -44,7 +43,7 @@ def cuda_sync_policy() -> Iterator[None]:
         _EMULATE_CUDA = previous
 
 
-_CONSTANTS: 'collections.OrderedDict[tuple, Tensor]' = collections.OrderedDict()
+_CONSTANTS: dict = {}  # device_constant's store (``remember``, one kind)
 _MAX_CONSTANTS = 256
 
 
@@ -72,32 +71,24 @@ def device_constant(values, device, dtype: Optional[torch.dtype] = None) -> Tens
     For host values that repeat from step to step (level sizes, anchors per location, the
     valid-flag extents of a batch shape). ``values`` must be hashable (nested tuples).
     """
-    key = (values, str(device), dtype)
-    found = _CONSTANTS.get(key)
-    if found is None:
-        found = upload(values, device, dtype)
-        if len(_CONSTANTS) >= _MAX_CONSTANTS:
-            _CONSTANTS.popitem(last=False)
-        _CONSTANTS[key] = found
-    else:
-        _CONSTANTS.move_to_end(key)
-    return found
+    key = ('constant', values, str(device), dtype)
+    return remember(_CONSTANTS, key, lambda: upload(values, device, dtype), _MAX_CONSTANTS)
 
 
 def remember(store: dict, key, make: Callable[[], object], limit: int = 2):
     """``store[key]``, made by ``make()`` on the first call; ``store`` keeps the ``limit``
-    newest keys of each kind (``key[0]``).
+    most recently used keys of each kind (``key[0]``).
 
     For device tensors derived from host values that repeat between steps (per map
     shapes, per batch of image shapes), kept as long as their owner (an anchor grid) lives;
     the caller must not modify them in place. The limit is small: these are as large as the
     anchors, and the heads keep up to 16 grids.
     """
-    found = store.get(key)
+    found = store.pop(key, None)
     if found is None:
         found = make()
-        same_kind = [k for k in store if k[0] == key[0]]
+        same_kind = [k for k in store if k[0] == key[0]]  # oldest use first
         if len(same_kind) >= limit:
             del store[same_kind[0]]
-        store[key] = found
+    store[key] = found  # (re)inserted last: the most recent use
     return found

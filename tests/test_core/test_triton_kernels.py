@@ -309,6 +309,48 @@ def test_assigner_kernels_equal_the_torch_path_bit_for_bit(tk, monkeypatch, opti
 
 
 @needs_kernels
+@pytest.mark.parametrize('match_low_quality', [False, True])
+def test_triton_assignment_at_the_thresholds_is_upstreams(tk, match_low_quality):
+    """IoUs exactly at pos_iou_thr (0.5), at the upper negative bound (0.4: not negative)
+    and at the lower one (0.1: negative), and at min_pos_iou for the low-quality matches:
+    the Triton kernels' compares give upstream ``MaxIoUAssigner``'s gt_inds and labels."""
+    from mmdet.models.task_modules.assigners import MaxIoUAssigner
+    from mmdet.registry import TASK_UTILS
+    from mmengine.structures import InstanceData
+
+    from mmdet_anchorloss.core.structures import pad_instances
+
+    anchors = torch.tensor(
+        [[0, 0, 10, 10], [100, 100, 110, 110], [200, 200, 210, 210], [300, 300, 310, 310.0]]
+    )
+    gts = torch.tensor(  # IoU with anchor i: 100 / 200, 100 / 250, 100 / 1000, 100 / 400
+        [[0, 0, 10, 20], [100, 100, 110, 125], [200, 200, 210, 300], [300, 300, 310, 340.0]]
+    )
+    labels = torch.tensor([3, 1, 2, 0])
+    cfg = dict(
+        pos_iou_thr=0.5,
+        neg_iou_thr=(0.1, 0.4),
+        min_pos_iou=0.25,  # gt 3's best IoU, exactly
+        match_low_quality=match_low_quality,
+    )
+    ref = MaxIoUAssigner(**cfg).assign(
+        InstanceData(priors=anchors), InstanceData(bboxes=gts, labels=labels)
+    )
+    assigner = TASK_UTILS.build(dict(type='BatchMaxIoUAssigner', **cfg))
+    padded = pad_instances([InstanceData(bboxes=gts, labels=labels)], DEVICE)
+    got = assigner.assign_batch(
+        anchors.to(DEVICE), torch.ones(1, 4, dtype=torch.bool, device=DEVICE), padded
+    )
+    # low quality: gts 1 (0.4) and 3 (0.25, at min_pos_iou) claim their best anchor; gt 2 (0.1)
+    # is below min_pos_iou and does not
+    expected = [1, 2, 0, 4] if match_low_quality else [1, -1, 0, 0]
+    assert ref.gt_inds.tolist() == expected  # the boundaries are where this test says
+    assert got.gt_inds[0].tolist() == expected
+    assert got.labels[0].tolist() == ref.labels.tolist()
+    assert torch.equal(got.max_overlaps[0].cpu(), ref.max_overlaps)
+
+
+@needs_kernels
 def test_cuda_path_ops_do_not_grow_with_batch_or_gts(tk, monkeypatch):
     """Aten ops around the Triton launches of one RetinaNet step, with CUDA's choices: the
     same count for B=2, G=3 and B=6, G=12 (no loop over images, gts or anchor chunks),
