@@ -53,6 +53,9 @@ IOU_EPS = 1e-6  # bbox_overlaps' default
 # The IoU must equal upstream's eager ``bbox_overlaps`` bit for bit, so no a*b+c is fused
 # into an FMA (the interpreter has no such option, and needs none: numpy rounds every op).
 _EXACT = {} if os.environ.get('TRITON_INTERPRET') == '1' else {'enable_fp_fusion': False}
+# The loss kernels may fuse (their numbers are held to a tolerance); said explicitly, since
+# Triton 3.9 warns that its default turns to no fusion in 3.10.
+_FUSED = {} if _EXACT == {} else {'enable_fp_fusion': True}
 SOFTMAX_BLOCK_S = 32  # spatial positions per program (the class axis is a full tile)
 
 
@@ -493,6 +496,7 @@ def sigmoid_level_loss(
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         num_warps=8,
+        **_FUSED,
     )
     return (partial.sum() if own else None), (grad if want_grad else None)
 
@@ -649,6 +653,7 @@ def assign_finalize(
         gt_labels.size(1),
         HAS_LOW=low is not None,
         BLOCK=ASSIGN_BLOCK,
+        **_EXACT,
     )
     return argmax_ov, max_ov, labels
 
@@ -669,7 +674,15 @@ def softmax_ce_forward(x4: Tensor, labels4: Tensor) -> Tuple[Tensor, Tensor]:
     ce = torch.empty_like(lse)
     grid = (triton.cdiv(S, SOFTMAX_BLOCK_S), B * A)
     _softmax_ce_fwd_kernel[grid](
-        x, lab, lse, ce, C1, S, C1_P2=triton.next_power_of_2(C1), BLOCK_S=SOFTMAX_BLOCK_S
+        x,
+        lab,
+        lse,
+        ce,
+        C1,
+        S,
+        C1_P2=triton.next_power_of_2(C1),
+        BLOCK_S=SOFTMAX_BLOCK_S,
+        **_FUSED,
     )
     return lse, ce
 
@@ -697,5 +710,6 @@ def softmax_ce_backward(x4: Tensor, labels4: Tensor, lse: Tensor, coef: Tensor) 
         S,
         C1_P2=triton.next_power_of_2(C1),
         BLOCK_S=SOFTMAX_BLOCK_S,
+        **_FUSED,
     )
     return grad
