@@ -23,10 +23,14 @@ def _as_float(batch):
     return [x.float() for x in cls], [x.float() for x in reg], gts, metas, ignore
 
 
-@pytest.mark.parametrize('make_cfg', [retina_cfg, rpn_cfg], ids=['focal', 'sigmoid_ce'])
-def test_half_maps_equal_their_float_values(make_cfg):
+@pytest.mark.parametrize(
+    'make_cfg,shapes,pad',
+    [(retina_cfg, SHAPES, 32), (rpn_cfg, SHAPES, 32), (ssd_cfg, [(300, 300), (300, 280)], 1)],
+    ids=['focal', 'sigmoid_ce', 'ssd'],
+)
+def test_half_maps_equal_their_float_values(make_cfg, shapes, pad):
     head = build(to_plugin(make_cfg()))
-    half = _half(make_batch(head, 0, (3, 1), SHAPES))
+    half = _half(make_batch(head, 0, (3, 1), shapes, pad_divisor=pad))
     got, got_g = loss_and_grads(head, *half)
     ref, ref_g = loss_and_grads(head, *_as_float(half))
     for key in ref:

@@ -249,6 +249,43 @@ def test_ssd_through_triton_matches_upstream(tk, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    'make_cfg,shapes,pad',
+    [
+        (retina_cfg, [(100, 120), (64, 90)], 32),
+        (rpn_cfg, [(100, 120), (64, 90)], 32),
+        (ssd_cfg, [(300, 300), (300, 280)], 1),
+    ],
+    ids=['retina', 'rpn', 'ssd'],
+)
+def test_half_maps_through_triton_match_upstream_on_their_values(
+    tk, monkeypatch, make_cfg, shapes, pad
+):
+    """AMP's case without a GPU: float16 maps read as they are by the kernels, against
+    upstream on the same values in float32 (what autocast gives its losses), held to the
+    criteria of ``test_amp.py``'s CUDA test. Also the SSD mining: its top-k of the negatives'
+    losses must pick the same anchors from the kernels' float32 sums."""
+    cfg = make_cfg()
+    upstream, plugin = build(cfg).to(DEVICE), build(to_plugin(cfg)).to(DEVICE)
+    batch = make_batch(upstream, 0, (3, 1), shapes, pad_divisor=pad, device=DEVICE)
+    cls, reg, gts, metas, ignore = batch
+    half = [x.detach().half() for x in cls + reg]
+    values = [x.float() for x in half]
+    L = len(cls)
+    ref, ref_g = loss_and_grads(upstream, values[:L], values[L:], gts, metas, ignore)
+    calls = _spy(tk, monkeypatch, 'sigmoid_level_loss', 'softmax_ce_forward')
+    got, got_g = loss_and_grads(plugin, half[:L], half[L:], gts, metas, ignore)
+    assert len(calls) in (L, 2 * L)  # softmax: forward; sigmoid: forward and backward
+    for key in ref:
+        for a, b in zip(ref[key], got[key]):
+            torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-3)
+    for a, b in zip(ref_g, got_g):
+        assert b.dtype == torch.float16
+        scale = a.float().abs().max().clamp(min=1e-6)
+        assert float((a.float() - b.float()).abs().max() / scale) < 2e-2
+
+
+@needs_kernels
 def test_switch_off(tk, monkeypatch):
     x = torch.zeros(1, 1, 1, 1, device=DEVICE)
     assert backends.use_triton(x)
