@@ -74,8 +74,13 @@ def compile_only(arch: int, built: List[tuple]) -> Iterator[None]:
     from triton.runtime import driver
     from triton.runtime.jit import KernelInterface
 
+    touched = []  # each kernel's binder holds the target it was made for: make it anew
+
     def launcher(self, grid):
         def launch(*args, **kwargs):
+            if self not in touched:
+                self.device_caches.clear()
+                touched.append(self)
             compiled = self.warmup(*args, grid=grid, **kwargs)
             constants = {k: v for k, v in kwargs.items() if k.isupper()}
             built.append((self.fn.__name__, constants, compiled))
@@ -89,6 +94,8 @@ def compile_only(arch: int, built: List[tuple]) -> Iterator[None]:
         yield
     finally:
         KernelInterface.__getitem__ = saved
+        for fn in touched:  # no build for the absent GPU is left to a real launch
+            fn.device_caches.clear()
         with contextlib.suppress(RuntimeError):  # no GPU here: no driver to go back to
             driver.reset_active()
 
