@@ -294,6 +294,19 @@ def assert_grads_match(ref: List[torch.Tensor], got: List[torch.Tensor], tol: fl
         ), f'grad of map {i}: max abs diff {err:.3g} > {tol} x max {scale:.3g}'
 
 
+def assert_fp16_results_match(ref, ref_g, got, got_g) -> None:
+    """Losses and half gradients of a float16 run against upstream, within float16's
+    tolerance: losses to 1e-2 relative (1e-3 absolute), each map's gradient to 2% of its
+    largest entry, and the gradient back in float16."""
+    for key in ref:
+        for a, b in zip(ref[key], got[key]):
+            torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-3)
+    for a, b in zip(ref_g, got_g):
+        assert b.dtype == torch.float16
+        scale = a.float().abs().max().clamp(min=1e-6)
+        assert float((a.float() - b.float()).abs().max() / scale) < 2e-2
+
+
 def upstream_assign_stats(head, cls_scores, bbox_preds, gts, metas, ignore) -> List[Dict[str, int]]:
     """Per image, what upstream's own assigner does with this batch (test guards).
 
