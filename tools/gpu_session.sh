@@ -60,7 +60,7 @@ tail -3 "$out/pytest_stub_all.log"
 export TRITON_CACHE_DIR=/tmp/bench_triton TORCHINDUCTOR_CACHE_DIR=/tmp/bench_inductor
 bench() {  # bench CASE [SUFFIX]: one case, both sides, 150 s at most
   el "bench $1${2:-}"
-  extra=""; [ "$1" = retina-b8-g10 ] && extra=--profile
+  extra=""; case $1 in retina-b8-g10|rpn-b8-g10) extra=--profile;; esac  # RPN: host time
   timeout 150 python3 tools/benchmark_loss.py --device cuda --cases "$1" --repeats 5 --warmup 2 \
     $extra --out "$out/bench_$1${2:-}.json" > "$out/bench_$1${2:-}.log" 2>&1
   grep -v "%|" "$out/bench_$1${2:-}.log" | tail -8

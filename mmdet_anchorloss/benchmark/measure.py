@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 import torch
 
 from ..kernels.sync_policy import cuda_sync_policy
-from ..profiling import count_ops
+from ..profiling import STAGE_PREFIX, count_ops
 from .cases import CASES, Case, Inputs, autocast, build_head, make_inputs
 
 PHASES = ('assign', 'fwd', 'bwd', 'fwd_bwd')
@@ -330,7 +330,13 @@ def profile_step(bench: Bench) -> dict:
         for e in top
     ]
     total_ms = sum(e.self_cpu_time_total for e in events) / 1e3
-    return dict(sort_by=sort_by, table=table, top=rows, total_self_cpu_ms=total_ms)
+    # the plugin's stages (``profiling.stage``): host time from each range's start to end
+    stages = [
+        dict(name=e.key[len(STAGE_PREFIX) :], calls=e.count, cpu_total_ms=e.cpu_time_total / 1e3)
+        for e in events
+        if e.key.startswith(STAGE_PREFIX)
+    ]
+    return dict(sort_by=sort_by, table=table, top=rows, total_self_cpu_ms=total_ms, stages=stages)
 
 
 def plain_losses(losses: dict) -> Dict[str, List[float]]:

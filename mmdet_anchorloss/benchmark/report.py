@@ -186,6 +186,9 @@ def profile_text(summaries: Sequence[dict]) -> str:
             prof = s.get(side, {}).get('profile')
             if prof:
                 parts.append(f'### {s["case"]} {side} (sorted by {prof["sort_by"]})\n')
+                if prof.get('stages'):
+                    rows = [[st['name'], f"{st['cpu_total_ms']:.2f}"] for st in prof['stages']]
+                    parts.append(markdown(['stage', 'host ms, start to end'], rows) + '\n')
                 parts.append('```\n' + prof['table'].rstrip() + '\n```')
     return '\n'.join(parts)
 

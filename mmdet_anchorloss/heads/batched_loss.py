@@ -31,6 +31,7 @@ from ..core.validation import (
     raise_gt_error,
 )
 from ..diagnostics.assignment_stats import log_counts, log_values
+from ..profiling import stage
 
 
 class LossInputs(NamedTuple):
@@ -109,8 +110,10 @@ class BatchedAnchorLossMixin:
         inputs = self.prepare_loss(
             cls_scores, bbox_preds, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore
         )
-        losses_cls = self.classification_losses(cls_scores, inputs)
-        losses_bbox = self.regression_losses(bbox_preds, inputs)
+        with stage('classification_loss'):
+            losses_cls = self.classification_losses(cls_scores, inputs)
+        with stage('regression_loss'):
+            losses_bbox = self.regression_losses(bbox_preds, inputs)
         return {
             self.loss_keys['loss_cls']: list(losses_cls.unbind()),
             self.loss_keys['loss_bbox']: list(losses_bbox.unbind()),
@@ -147,46 +150,53 @@ class BatchedAnchorLossMixin:
         self, featmap_sizes, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore, device
     ) -> LossInputs:
         """``batch_targets`` once the batch lengths are known to agree."""
-        gts = pad_instances(batch_gt_instances, device)
-        ignore = None
-        if batch_gt_instances_ignore is not None and any(
-            i is not None and len(i) > 0 for i in batch_gt_instances_ignore
-        ):
-            ignore = pad_instances(batch_gt_instances_ignore, device, with_labels=False)
-        anchors = batch_anchors(
-            self.prior_generator,
-            featmap_sizes,
-            batch_img_metas,
-            self.train_cfg['allowed_border'],
-            device,
-            self.anchor_grids,
-        )
-        check_targets_inputs(gts, ignore, anchors, self.num_classes, batch_img_metas)
-        assign = assign_batch(
-            self.assigner, anchors, gts, ignore, batch_gt_instances, batch_gt_instances_ignore
-        )
-        pos, neg, avg_factor = sample_batch(self.sampler, assign, anchors, batch_gt_instances)
-        if self.sync_avg_factor:
-            avg_factor = reduce_mean(avg_factor)
+        with stage('pad_gts'):
+            gts = pad_instances(batch_gt_instances, device)
+            ignore = None
+            if batch_gt_instances_ignore is not None and any(
+                i is not None and len(i) > 0 for i in batch_gt_instances_ignore
+            ):
+                ignore = pad_instances(batch_gt_instances_ignore, device, with_labels=False)
+        with stage('anchors'):
+            anchors = batch_anchors(
+                self.prior_generator,
+                featmap_sizes,
+                batch_img_metas,
+                self.train_cfg['allowed_border'],
+                device,
+                self.anchor_grids,
+            )
+        with stage('check_inputs'):
+            check_targets_inputs(gts, ignore, anchors, self.num_classes, batch_img_metas)
+        with stage('assign'):
+            assign = assign_batch(
+                self.assigner, anchors, gts, ignore, batch_gt_instances, batch_gt_instances_ignore
+            )
+        with stage('sample'):
+            pos, neg, avg_factor = sample_batch(self.sampler, assign, anchors, batch_gt_instances)
+            if self.sync_avg_factor:
+                avg_factor = reduce_mean(avg_factor)
         # The target step's one read-back: the number of positives (so that they are found
         # without another sync) and, with it, the counts for the training log.
-        if self.log_assign_stats:
-            levels = len(anchors.level_sizes)
-            read = log_counts(
-                assign.gt_inds, anchors.level_ids, levels, gts.mask, read_with=[pos.sum()]
-            )
-            num_pos, *stat_values = read.tolist()
-        else:
-            num_pos, stat_values = pos.sum().tolist(), []
+        with stage('read_back'):
+            if self.log_assign_stats:
+                levels = len(anchors.level_sizes)
+                read = log_counts(
+                    assign.gt_inds, anchors.level_ids, levels, gts.mask, read_with=[pos.sum()]
+                )
+                num_pos, *stat_values = read.tolist()
+            else:
+                num_pos, stat_values = pos.sum().tolist(), []
         options = TargetOptions(
             self.num_classes,
             self.train_cfg['pos_weight'],
             self.reg_decoded_bbox,
             self.bbox_coder,
         )
-        targets = build_targets(
-            options, anchors, gts, assign, pos, neg, avg_factor, num_pos=int(num_pos)
-        )
+        with stage('targets'):
+            targets = build_targets(
+                options, anchors, gts, assign, pos, neg, avg_factor, num_pos=int(num_pos)
+            )
         stats = log_values(stat_values, len(batch_img_metas)) if stat_values else None
         return LossInputs(anchors, gts, targets, stats)
 

@@ -137,3 +137,36 @@ def test_upload_to_cuda_is_not_a_sync():
         torch.cuda.set_sync_debug_mode('default')
     assert got.is_cuda and torch.equal(got.cpu(), torch.arange(1000))
     assert torch.equal(const.cpu(), torch.arange(1000))
+
+
+STAGES = [
+    'pad_gts',
+    'anchors',
+    'check_inputs',
+    'assign',
+    'sample',
+    'read_back',
+    'targets',
+    'classification_loss',
+    'regression_loss',
+]
+
+
+def test_stages_are_marked_for_the_profiler_and_cost_nothing_outside_it():
+    """Under ``torch.profiler`` the step's stages are ranges in order (the benchmark's
+    ``--profile`` splits host time by them); outside a profile no range is opened, so the
+    op count and the budget above see none."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmdet_anchorloss.profiling import STAGE_PREFIX
+
+    head = build(to_plugin(retina_cfg(num_classes=8)))
+    batch = make_batch(head, 0, (3, 1), [(100, 120), (64, 90)])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss_and_grads(head, *batch)
+    ranges = [e for e in prof.events() if e.name.startswith(STAGE_PREFIX)]
+    assert [
+        e.name[len(STAGE_PREFIX) :] for e in sorted(ranges, key=lambda e: e.time_range.start)
+    ] == STAGES
+    got = _step(head, batch)
+    assert not [op for op in got.by_op if 'record_function' in op], got.by_op

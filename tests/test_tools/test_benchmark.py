@@ -222,6 +222,7 @@ def test_side_that_cannot_run_records_its_error(tmp_path):
 def test_quick_run_writes_both_sides(tmp_path):
     out = tmp_path / 'bench.json'
     cmd = [sys.executable, str(TOOL), '--quick', '--cases', 'retina-b2-g10', '--repeats', '1']
+    cmd.append('--profile')
     env = dict(os.environ, **QUICK_ENV)
     result = subprocess.run(
         [*cmd, '--out', str(out)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
@@ -262,3 +263,9 @@ def test_quick_run_writes_both_sides(tmp_path):
     assert case['loss_check']['max_rel_diff'] < 1e-4
     assert case['loss_check']['grad_norm_max_rel_diff'] < 1e-4
     assert 'host syncs' in out.with_suffix('.md').read_text()
+    # --profile: the top ops per side, and the plugin's host time split by stage
+    assert up['profile']['top'] and pl['profile']['top'] and not up['profile']['stages']
+    stages = {st['name']: st['cpu_total_ms'] for st in pl['profile']['stages']}
+    assert {'assign', 'sample', 'classification_loss', 'regression_loss'} <= set(stages)
+    assert all(ms > 0 for ms in stages.values())
+    assert 'host ms, start to end' in result.stdout
