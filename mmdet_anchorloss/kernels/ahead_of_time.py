@@ -105,10 +105,10 @@ def _launches(tk) -> List[tuple]:
 
     The shapes are small: a build depends on the constexprs, the dtypes and whether each int
     argument is 1 or divisible by 16, not on the sizes. The constexprs and dtypes are the
-    ones the heads use: RetinaNet's focal loss
-    (80 classes, 9 anchors), the RPN's binary cross-entropy (1 class, 3 anchors), another
-    gamma, fp32 / fp16 / bf16 maps; the assigner with and without ignore boxes,
-    low-quality matches and each gt's first best anchor; SSD's softmax cross-entropy.
+    ones the heads use: RetinaNet's focal loss (80 classes, 9 anchors), the RPN's binary
+    cross-entropy (1 class, 3 anchors), another gamma, fp32 / fp16 / bf16 maps; the
+    assigner with and without ignore boxes, low-quality matches and each gt's first best
+    anchor; SSD's softmax cross-entropy (COCO's and VOC's class counts).
     """
     B, H, W = 2, 8, 12
     cases = []
