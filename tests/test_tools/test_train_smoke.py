@@ -156,6 +156,44 @@ def test_amp_on_cpu_is_a_clear_error():
     assert 'Traceback' not in result.stderr
 
 
+def first_losses(work_dir: Path) -> dict:
+    """The loss terms logged at the first iteration of the newest run."""
+    files = sorted(work_dir.glob('*/vis_data/scalars.json'))
+    assert files, f'no scalars.json under {work_dir}'
+    records = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
+    first = min((r for r in records if 'loss' in r), key=lambda r: r['iter'])
+    return {k: v for k, v in first.items() if k.startswith('loss')}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('stem', ['retinanet_r18_fpn_shapes', 'ssd_shapes'])
+def test_amp_training_starts_from_upstreams_losses(stem, shapes_root, tmp_path):
+    """``tools/train.py --amp`` (``AmpOptimWrapper``: the network in float16 under
+    autocast) on the plugin config and on its upstream twin: same seed, weights and first
+    batch, so the first iteration's losses must agree within float16's tolerance."""
+    losses = {}
+    for side, name in (('plugin', stem), ('upstream', f'{stem}_upstream')):
+        work_dir = tmp_path / side
+        run(
+            [
+                'tools/train.py',
+                str(ROOT / 'configs' / 'shapes' / f'{name}.py'),
+                '--amp',
+                '--work-dir',
+                str(work_dir),
+                '--cfg-options',
+                *train_options(shapes_root),
+                'train_cfg.max_iters=2',
+            ]
+        )
+        text = next(work_dir.glob('*/*.log')).read_text()
+        assert 'AmpOptimWrapper' in text, f'{side}: --amp did not switch the optimizer wrapper'
+        losses[side] = first_losses(work_dir)
+    assert set(losses['plugin']) == set(losses['upstream']) and 'loss' in losses['plugin']
+    for key, value in losses['upstream'].items():
+        assert losses['plugin'][key] == pytest.approx(value, rel=1e-2, abs=1e-3), key
+
+
 def test_compare_upstream_report(shapes_root, tmp_path):
     config = ROOT / 'configs' / 'shapes' / 'retinanet_r18_fpn_shapes.py'
     work_dir = tmp_path / 'compare'
