@@ -22,9 +22,13 @@ are set only inside :func:`compile_only`, which must run in a process of its own
 ``TRITON_INTERPRET`` (``tools/compile_kernels.py``).
 """
 
+import argparse
 import contextlib
+import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
@@ -294,11 +298,6 @@ def table(results: List[BuiltKernel]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import argparse
-    import json
-    import os
-    import sys
-
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument(
         '--arch', type=int, nargs='+', default=[90, 80], help='compute capabilities (90: H100)'

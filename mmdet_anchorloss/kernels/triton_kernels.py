@@ -52,10 +52,11 @@ ASSIGN_BLOCK = 256  # anchors per program of the assignment kernels
 IOU_EPS = 1e-6  # bbox_overlaps' default
 # The IoU must equal upstream's eager ``bbox_overlaps`` bit for bit, so no a*b+c is fused
 # into an FMA (the interpreter has no such option, and needs none: numpy rounds every op).
-_EXACT = {} if os.environ.get('TRITON_INTERPRET') == '1' else {'enable_fp_fusion': False}
+_INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'  # no build options there
+_EXACT = {} if _INTERPRETED else {'enable_fp_fusion': False}
 # The loss kernels may fuse (their numbers are held to a tolerance); said explicitly, since
 # Triton 3.9 warns that its default turns to no fusion in 3.10.
-_FUSED = {} if _EXACT == {} else {'enable_fp_fusion': True}
+_FUSED = {} if _INTERPRETED else {'enable_fp_fusion': True}
 SOFTMAX_BLOCK_S = 32  # spatial positions per program (the class axis is a full tile)
 
 
