@@ -251,11 +251,14 @@ def make_batch(
 
 
 def loss_and_grads(
-    head, cls_scores, bbox_preds, gts, metas, ignore, seed: int = 0
+    head, cls_scores, bbox_preds, gts, metas, ignore, seed: int = 0, leaves: Optional[list] = None
 ) -> Tuple[Dict[str, List[torch.Tensor]], List[torch.Tensor]]:
-    """Loss dict and gradients w.r.t. every prediction map (fresh leaves per call)."""
+    """Loss dict and gradients w.r.t. every prediction map (fresh leaves per call; a list
+    passed as ``leaves`` receives them, classification maps first)."""
     cls = [c.detach().clone().requires_grad_() for c in cls_scores]
     reg = [b.detach().clone().requires_grad_() for b in bbox_preds]
+    if leaves is not None:
+        leaves.extend(cls + reg)
     torch.manual_seed(seed)
     losses = head.loss_by_feat(cls, reg, gts, metas, ignore)
     total = sum(sum(v) if isinstance(v, list) else v for v in losses.values())

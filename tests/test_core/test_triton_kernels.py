@@ -10,6 +10,7 @@ optional (``pip install -e .[triton]``); without it these tests skip.
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -71,14 +72,22 @@ def tk():
     return triton_kernels
 
 
+class _Call(NamedTuple):
+    """The map a kernel entry point was given: shape, dtype, address of its first element."""
+
+    shape: tuple
+    dtype: torch.dtype
+    data_ptr: int
+
+
 def _spy(module, monkeypatch, *names):
-    """Record the map shape of every call to ``module.<name>``."""
+    """Record the map of every call to ``module.<name>`` (its first argument)."""
     calls = []
     for name in names:
         real = getattr(module, name)
 
         def spy(*args, _real=real, **kwargs):
-            calls.append(tuple(args[0].shape))
+            calls.append(_Call(tuple(args[0].shape), args[0].dtype, args[0].data_ptr()))
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, spy)
@@ -275,8 +284,12 @@ def test_half_maps_through_triton_match_upstream_on_their_values(
     L = len(cls)
     ref, ref_g = loss_and_grads(upstream, values[:L], values[L:], gts, metas, ignore)
     calls = _spy(tk, monkeypatch, 'sigmoid_level_loss', 'softmax_ce_forward')
-    got, got_g = loss_and_grads(plugin, half[:L], half[L:], gts, metas, ignore)
+    leaves = []
+    got, got_g = loss_and_grads(plugin, half[:L], half[L:], gts, metas, ignore, leaves=leaves)
     assert len(calls) in (L, 2 * L)  # softmax: forward; sigmoid: forward and backward
+    # the kernels read the half maps themselves: no float32 copy, no copy at all
+    assert {c.dtype for c in calls} == {torch.float16}
+    assert {c.data_ptr for c in calls} == {m.data_ptr() for m in leaves[:L]}
     assert_fp16_results_match(ref, ref_g, got, got_g)
 
 
