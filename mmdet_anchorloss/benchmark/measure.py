@@ -330,9 +330,15 @@ def profile_step(bench: Bench) -> dict:
         for e in top
     ]
     total_ms = sum(e.self_cpu_time_total for e in events) / 1e3
-    # the plugin's stages (``profiling.stage``): host time from each range's start to end
+    # the plugin's stages (``profiling.stage``): host time from each range's start to end,
+    # and the part of it spent outside any op (Python, Triton's launcher, waiting)
     stages = [
-        dict(name=e.key[len(STAGE_PREFIX) :], calls=e.count, cpu_total_ms=e.cpu_time_total / 1e3)
+        dict(
+            name=e.key[len(STAGE_PREFIX) :],
+            calls=e.count,
+            cpu_total_ms=e.cpu_time_total / 1e3,
+            self_cpu_ms=e.self_cpu_time_total / 1e3,
+        )
         for e in events
         if e.key.startswith(STAGE_PREFIX)
     ]

@@ -187,9 +187,20 @@ def profile_text(summaries: Sequence[dict]) -> str:
             if prof:
                 parts.append(f'### {s["case"]} {side} (sorted by {prof["sort_by"]})\n')
                 if prof.get('stages'):
-                    rows = [[st['name'], f"{st['cpu_total_ms']:.2f}"] for st in prof['stages']]
-                    parts.append(markdown(['stage', 'host ms, start to end'], rows) + '\n')
+                    rows = [
+                        [st['name'], f"{st['cpu_total_ms']:.2f}", fmt(st.get('self_cpu_ms'), '.2f')]
+                        for st in prof['stages']
+                    ]
+                    header = ['stage', 'host ms, start to end', 'of it outside any op']
+                    parts.append(markdown(header, rows) + '\n')
                 parts.append('```\n' + prof['table'].rstrip() + '\n```')
+                if prof['sort_by'] != 'self_cpu_time_total' and prof.get('top'):
+                    # on a GPU the table ranks device time; the host's side, ranked too
+                    rows = [
+                        [t['name'][:60], t['calls'], f"{t['self_cpu_ms']:.2f}"] for t in prof['top']
+                    ]
+                    parts.append(f'\nTop ops of {s["case"]} {side} by self CPU time:\n')
+                    parts.append(markdown(['op', 'calls', 'self CPU ms'], rows))
     return '\n'.join(parts)
 
 

@@ -188,6 +188,22 @@ def test_tables_show_counts_and_errors():
     assert '| c | ERROR | upstream: RuntimeError: no / half |' in timing
 
 
+def test_profile_text_ranks_host_time_on_a_gpu():
+    """A CUDA profile's table ranks device time; the text adds the ops ranked by host time,
+    and the stages with their time outside any op (a CPU profile has just its one table)."""
+    top = [dict(name='aten::randperm', calls=16, self_cpu_ms=24.5, cpu_total_ms=30.0)]
+    stage = dict(name='sample', calls=1, cpu_total_ms=40.7, self_cpu_ms=4.9)
+    profile = dict(sort_by='self_cuda_time_total', table='<table>', top=top, stages=[stage])
+    gpu = dict(case='rpn', upstream={}, plugin=dict(profile=profile))
+    text = report.profile_text([gpu])
+    assert '| sample | 40.70 | 4.90 |' in text
+    assert 'by self CPU time' in text and '| aten::randperm | 16 | 24.50 |' in text
+    cpu = dict(
+        case='rpn', upstream={}, plugin=dict(profile={**profile, 'sort_by': 'self_cpu_time_total'})
+    )
+    assert 'by self CPU time' not in report.profile_text([cpu])
+
+
 def test_half_case_runs_on_both_sides():
     """SSD300 with fp16 maps under autocast, both sides in this process (eager kernels):
     the losses agree to fp16's tolerance and the plugin dispatches fewer ops and syncs."""
@@ -268,4 +284,6 @@ def test_quick_run_writes_both_sides(tmp_path):
     stages = {st['name']: st['cpu_total_ms'] for st in pl['profile']['stages']}
     assert {'assign', 'sample', 'classification_loss', 'regression_loss'} <= set(stages)
     assert all(ms > 0 for ms in stages.values())
-    assert 'host ms, start to end' in result.stdout
+    # each stage's time outside any op is a part of its time
+    assert all(0 <= st['self_cpu_ms'] <= st['cpu_total_ms'] for st in pl['profile']['stages'])
+    assert 'host ms, start to end' in result.stdout and 'outside any op' in result.stdout
