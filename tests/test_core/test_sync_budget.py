@@ -64,6 +64,22 @@ def test_cpu_choices_count_their_syncs():
     assert any('kernels/sigmoid.py' in site for site in got.sync_sites), got.sync_sites
 
 
+def test_check_finite_syncs_only_when_switched_on():
+    """``check_finite`` (off by default) costs one read-back of its own when on, no more."""
+    counts = {}
+    for on in (False, True):
+        cfg = to_plugin(retina_cfg(num_classes=8))
+        cfg['check_finite'] = on
+        head = build(cfg)
+        with cuda_sync_policy():
+            counts[on] = _step(head, make_batch(head, 0, (2, 7), [(100, 120), (64, 90)]))
+    off, on = counts[False], counts[True]
+    assert off.syncs <= SYNC_BUDGET
+    assert on.syncs == off.syncs + 1, dict(on.sync_sites)
+    (extra,) = set(on.sync_sites) - set(off.sync_sites)
+    assert 'core/validation.py' in extra, dict(on.sync_sites)
+
+
 def test_cuda_choices_keep_the_numbers():
     cfg = retina_cfg(num_classes=8)
     upstream = build(cfg)
