@@ -19,7 +19,11 @@ Ops inside ``torch.compile``d regions are not counted (the counter sets
 Dynamo guards on the torch-function mode stack, so the first counted call of each compiled
 function in a process recompiles it once: count a second step.
 
-It runs on CPU as well as CUDA, so a test can hold the budget without a GPU. On CUDA,
+It runs on CPU as well as CUDA, so a test can hold the budget without a GPU: in a block
+where every tensor is on the CPU, the CPU stands in for the device and every such op
+counts. Once the block has dispatched an op on a device, a syncing op whose tensors are on
+the host (``.item()`` of a CPU scalar, ``nonzero`` of a CPU mask) waits for nothing; it is
+listed in ``host_reads``, not counted as a sync. On CUDA,
 ``torch.cuda.set_sync_debug_mode('error')`` is the runtime's own check of the same thing.
 
 ``stage(name)`` marks a step of the loss (anchors, assignment, sampling, ...) for
@@ -87,6 +91,8 @@ class OpCounts(NamedTuple):
         sync_sites (Counter): the syncing ops by ``op at file:line`` of the innermost frame
             of this package (or of the caller) that asked for them.
         by_op (Counter): every dispatched op by name.
+        host_reads (Counter): by site, syncing ops on host tensors in a block that ran on a
+            device: they wait for nothing (see the module doc). Empty in a CPU-only block.
     """
 
     ops: int
@@ -95,6 +101,7 @@ class OpCounts(NamedTuple):
     sync_ops: Counter
     sync_sites: Counter
     by_op: Counter
+    host_reads: Counter
 
 
 def _site(name: str) -> str:
@@ -118,6 +125,16 @@ def _is_sync(func, args, kwargs) -> bool:
     if packet is aten.repeat_interleave:
         return func is aten.repeat_interleave.Tensor and kwargs.get('output_size') is None
     return False
+
+
+def _on_host(args) -> bool:
+    """True when the op's first tensor argument (or first tensor in a list) is on the CPU."""
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            a = next((t for t in a if isinstance(t, torch.Tensor)), None)
+        if isinstance(a, torch.Tensor):
+            return a.device.type == 'cpu'
+    return True
 
 
 def _is_view(func) -> bool:
@@ -149,9 +166,11 @@ class _DispatchCounter(TorchDispatchMode):
         self.owner.by_op[name] += 1
         if not _is_view(func):
             self.owner.launches += 1
+        on_host = _on_host(args)
+        if not on_host:
+            self.owner.saw_device = True
         if _is_sync(func, args, kwargs):
-            self.owner.sync_ops[name] += 1
-            self.owner.sync_sites[_site(name)] += 1
+            self.owner.record(name, on_host)
         return func(*args, **kwargs)
 
 
@@ -164,7 +183,8 @@ class _FunctionCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, '__name__', '')
         if name in _SYNC_METHODS:
-            self._count(f'Tensor.{name}')
+            on_host = not (args and isinstance(args[0], torch.Tensor)) or _on_host(args)
+            self.owner.record(f'Tensor.{name}', on_host)
         elif name in ('cpu', 'to', 'cuda') and args and isinstance(args[0], torch.Tensor):
             src = args[0]
             target = args[1] if len(args) > 1 else kwargs.get('device')
@@ -180,8 +200,7 @@ class _FunctionCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _count(self, what: str) -> None:
-        self.owner.sync_ops[what] += 1
-        self.owner.sync_sites[_site(what)] += 1
+        self.owner.record(what, on_host=False)
 
 
 class count_ops:  # noqa: N801 (used as a context manager, like torch's modes)
@@ -198,7 +217,18 @@ class count_ops:  # noqa: N801 (used as a context manager, like torch's modes)
         self.sync_ops: Counter = collections.Counter()
         self.sync_sites: Counter = collections.Counter()
         self.launches = 0
+        self.saw_device = False  # an op ran on a device (not the CPU) inside the block
+        self._host: list = []  # (op, site) of syncing ops on host tensors, in order
         self._modes = (_FunctionCounter(self), _DispatchCounter(self))
+
+    def record(self, what: str, on_host: bool) -> None:
+        """Note a syncing op; one on host tensors is decided at ``result()``."""
+        site = _site(what)
+        if on_host:
+            self._host.append((what, site))
+        else:
+            self.sync_ops[what] += 1
+            self.sync_sites[site] += 1
 
     def __enter__(self) -> 'count_ops':
         for mode in self._modes:
@@ -210,13 +240,23 @@ class count_ops:  # noqa: N801 (used as a context manager, like torch's modes)
             mode.__exit__(*exc)
 
     def result(self) -> OpCounts:
+        sync_ops = collections.Counter(self.sync_ops)
+        sync_sites = collections.Counter(self.sync_sites)
+        host_reads: Counter = collections.Counter()
+        for what, site in self._host:
+            if self.saw_device:  # the host's own data: nothing to wait for
+                host_reads[site] += 1
+            else:  # the CPU stands in for the device
+                sync_ops[what] += 1
+                sync_sites[site] += 1
         return OpCounts(
             ops=sum(self.by_op.values()),
             launches=self.launches,
-            syncs=sum(self.sync_ops.values()),
-            sync_ops=collections.Counter(self.sync_ops),
-            sync_sites=collections.Counter(self.sync_sites),
+            syncs=sum(sync_ops.values()),
+            sync_ops=sync_ops,
+            sync_sites=sync_sites,
             by_op=collections.Counter(self.by_op),
+            host_reads=host_reads,
         )
 
 

@@ -250,6 +250,7 @@ def count_step(bench: Bench) -> dict:
         syncs=counts.syncs,
         sync_ops=dict(counts.sync_ops),
         sync_sites=dict(counts.sync_sites),  # op at file:line, to find each one
+        host_reads=dict(counts.host_reads),  # on host tensors in a device step: no sync
         top_ops=dict(counts.by_op.most_common(TOP_OPS)),
         graphs_compiled=compiled_graphs() - graphs,
         sync_policy='cuda',

@@ -109,7 +109,7 @@ def test_cuda_step_syncs_by_the_runtime():
         finally:
             torch.cuda.set_sync_debug_mode('default')
     syncs = [w for w in caught if 'synchroniz' in str(w.message)]
-    assert got.syncs <= SYNC_BUDGET, dict(got.sync_sites)
+    assert got.syncs <= SYNC_BUDGET, (dict(got.sync_sites), dict(got.host_reads))
     assert len(syncs) <= SYNC_BUDGET, [str(w.message) for w in syncs]
 
 
@@ -127,6 +127,32 @@ def test_counter_sees_copies_from_host_data():
     got = counter.result()
     assert got.syncs == 3, dict(got.sync_sites)
     assert all('test_sync_budget.py' in site for site in got.sync_sites), got.sync_sites
+
+
+def test_host_reads_wait_for_nothing_once_a_device_ran():
+    """In a block that ran on a device (here 'meta', which has no data to read), reading a
+    host tensor is no sync: it is listed apart. In a CPU-only block the CPU stands in for
+    the device, and the same reads count."""
+
+    def reads():
+        mask = torch.tensor([True, False, True])
+        torch.tensor(3.0).item()
+        mask.nonzero()
+        torch.arange(3)[mask]
+        mask.tolist()
+
+    with count_ops() as counter:
+        torch.ones(2, device='meta') + 1
+        reads()
+    got = counter.result()
+    assert got.syncs == 0, dict(got.sync_sites)
+    assert sum(got.host_reads.values()) == 4, dict(got.host_reads)
+    assert all('test_sync_budget.py' in site for site in got.host_reads), got.host_reads
+    with count_ops() as counter:
+        reads()
+    got = counter.result()
+    assert got.syncs == 4 and not got.host_reads, dict(got.sync_sites)
+    assert set(got.sync_ops) == {'_local_scalar_dense', 'nonzero', 'index', 'Tensor.tolist'}
 
 
 def test_upload_and_device_constant_values():
