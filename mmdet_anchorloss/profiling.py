@@ -183,8 +183,7 @@ class _FunctionCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, '__name__', '')
         if name in _SYNC_METHODS:
-            on_host = not (args and isinstance(args[0], torch.Tensor)) or _on_host(args)
-            self.owner.record(f'Tensor.{name}', on_host)
+            self.owner.record(f'Tensor.{name}', _on_host(args[:1]))
         elif name in ('cpu', 'to', 'cuda') and args and isinstance(args[0], torch.Tensor):
             src = args[0]
             target = args[1] if len(args) > 1 else kwargs.get('device')

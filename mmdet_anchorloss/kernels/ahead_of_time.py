@@ -23,6 +23,7 @@ are set only inside :func:`compile_only`, which must run in a process of its own
 """
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -233,10 +234,7 @@ def _resources(cubin: bytes) -> Dict[str, int]:
 
 
 def _count(pattern: re.Pattern, text: str) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
-    for op in pattern.findall(text):
-        counts[op] = counts.get(op, 0) + 1
-    return counts
+    return dict(collections.Counter(pattern.findall(text)))
 
 
 def build_all(arch: int, progress: Optional[Callable[[str], None]] = None) -> List[BuiltKernel]:
