@@ -7,20 +7,22 @@
 # mmcv's focal losses and nms, so:
 #   1. tools/mmcv_ops_subset.py builds those from mmcv's sdist (about a minute), and a check
 #      compares mmcv's CUDA sigmoid focal loss with mmdet's pure-torch one;
-#   2. the headline case (retina-b8-g10, profiled);
-#   3. every gpu-marked test;
-#   4. the other cases (CASES), the RPN profiled for its host time.
+#   2. the headline case (HEADLINE, default retina-b8-g10, profiled; empty: none);
+#   3. the gpu tests (pytest arguments GPU_TESTS, default -m gpu), with
+#      PYTHONFAULTHANDLER=1 so that a crash in a tool a test starts prints its stack;
+#   4. CHECK_CMD="..." if set;
+#   5. the other cases (CASES), the RPN profiled for its host time.
 # If the subset build fails, mmcv's full build runs instead (in the background, while the
 # gpu tests run against a stand-in mmcv whose ops raise), and then the same cases.
 # Every log goes to /tmp/logs, packed into OUT_DIR/logs.tgz after each step, so a run cut
-# short still returns what it did. CHECK_CMD="..." runs at the end.
+# short still returns what it did.
 set -u
 g=$(cd "${GPU_DIR:-.gpu}" && pwd)
 OUTDIR=${1:?out dir}
 out=/tmp/logs
 mkdir -p "$out" "$OUTDIR"
 pack() { tar czf "$OUTDIR/logs.tgz" -C /tmp logs 2>/dev/null; cp "$out/timeline.txt" "$OUTDIR/" 2>/dev/null; }
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 T0=$(date +%s); el() { pack; echo "=== [$(( $(date +%s) - T0 ))s] $*" | tee -a "$out/timeline.txt"; }
 { nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
@@ -36,10 +38,11 @@ bench() {  # bench CASE [SUFFIX]: one case, both sides, 150 s at most
     $extra --out "$out/bench_$1${2:-}.json" > "$out/bench_$1${2:-}.log" 2>&1
   grep -v "%|" "$out/bench_$1${2:-}.log" | tail -8
 }
-gpu_tests() {  # gpu_tests LOG [pytest args]: the gpu-marked tests, 200 s at most
+gpu_tests() {  # gpu_tests LOG [pytest args]: GPU_TESTS (default -m gpu), 200 s at most
   log=$1; shift
   (unset TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR
-   timeout -s INT 200 python3 -m pytest -q -o cache_dir=/tmp/pc -m gpu -rfE -n 4 "$@" \
+   eval "set -- ${GPU_TESTS:--m gpu} \"\$@\""
+   timeout -s INT 200 python3 -m pytest -q -o cache_dir=/tmp/pc -rfE -n 4 "$@" \
      > "$out/$log" 2>&1)
   grep -E "^(FAILED|ERROR)" "$out/$log" | cut -c1-200 | head -20; tail -2 "$out/$log"
 }
@@ -69,7 +72,7 @@ gb, = torch.autograd.grad(b, pred)
 print(f'mmcv {a.item():.6f} torch {b.item():.6f} rel {abs(a - b).item() / b.item():.1e}; '
       f'grad max abs diff {(ga - gb).abs().max().item():.1e} (max {gb.abs().max().item():.1e})')
 PY
-  bench retina-b8-g10
+  [ -n "${HEADLINE-retina-b8-g10}" ] && bench "${HEADLINE-retina-b8-g10}"
   el "gpu tests (mmcv ops subset)"
   gpu_tests pytest_gpu.log
 else
@@ -93,12 +96,14 @@ EOF2
   tail -2 "$out/mmcv_build.log"
   ls /tmp/mmcv-cuda/mmcv/_ext*.so || { el "no mmcv build"; exit 4; }
   export PYTHONPATH=/tmp/site:/tmp/mmcv-cuda:$(pwd)
-  bench retina-b8-g10
+  [ -n "${HEADLINE-retina-b8-g10}" ] && bench "${HEADLINE-retina-b8-g10}"
   el "gpu tests with mmcv's CUDA ops: the ones that failed on the stub"
   gpu_tests pytest_gpu_lf.log --lf
 fi
-for c in ${CASES:-retina-b8-g100 rpn-b8-g10 retina-b8-g1000 ssd-b32-g10 retina-b8-g10-fp16}; do
+if [ -n "${CHECK_CMD:-}" ]; then
+  el "$CHECK_CMD"; bash -c "$CHECK_CMD" > "$out/check_cmd.log" 2>&1; tail -40 "$out/check_cmd.log"
+fi
+for c in ${CASES-retina-b8-g100 rpn-b8-g10 retina-b8-g1000 ssd-b32-g10 retina-b8-g10-fp16}; do
   bench "$c"
 done
-if [ -n "${CHECK_CMD:-}" ]; then el "$CHECK_CMD"; bash -c "$CHECK_CMD"; fi
 el done

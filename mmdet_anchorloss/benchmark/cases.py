@@ -8,6 +8,7 @@ feature-map sizes of the input, and random boxes, generated on the CPU from one 
 
 import contextlib
 import copy
+import math
 from pathlib import Path
 from typing import ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -49,6 +50,7 @@ class Case(NamedTuple):
 RETINA = 'retinanet/retinanet_r50_fpn_1x_coco.py'
 FASTER = 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 SSD300 = 'ssd/ssd300_coco.py'
+PRIOR_LOGIT = math.log(99.0)  # -logit(0.01): RetinaNet's classification bias at init
 _FULL = (800, 1333)
 
 
@@ -178,7 +180,10 @@ def make_inputs(head, case: Case, quick: bool, seed: int, device: str) -> Inputs
     """Random predictions (at the real feature-map sizes) and ground truth for ``case``.
 
     Generated in float32 on the CPU from ``seed``, so both sides (and both devices) see the
-    same values; the maps are then cast to the case's dtype.
+    same values; the maps are then cast to the case's dtype. The classification logits are
+    N(-2, 2); in a float16 case N(-PRIOR_LOGIT, 1), around a RetinaNet head at its start
+    (``bias_prob=0.01``): upstream sums each level's focal loss in float16 (mmcv's op returns
+    the map's dtype), and at N(-2, 2) the largest levels' sums overflow to inf.
     """
     gen = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.dtype)
@@ -202,7 +207,8 @@ def make_inputs(head, case: Case, quick: bool, seed: int, device: str) -> Inputs
     sizes = featmap_sizes(head.prior_generator.strides, pad_shape)
     cls_scores, bbox_preds = [], []
     for (fh, fw), a in zip(sizes, head.prior_generator.num_base_anchors):
-        cls = torch.randn(batch, a * head.cls_out_channels, fh, fw, generator=gen) * 2 - 2
+        cls = torch.randn(batch, a * head.cls_out_channels, fh, fw, generator=gen)
+        cls = cls - PRIOR_LOGIT if case.amp else cls * 2 - 2
         reg = torch.randn(batch, a * 4, fh, fw, generator=gen) * 0.5
         cls_scores.append(cls.to(device, dtype).requires_grad_())
         bbox_preds.append(reg.to(device, dtype).requires_grad_())

@@ -276,7 +276,10 @@ def kernel_summary(events: Iterable) -> dict:
     kernels, calls = {}, {}
     for e in events:
         if str(e.device_type).endswith('CUDA'):
-            if not e.key.startswith(('Memcpy', 'Memset')):
+            # not kernels: copies, and the ranges of ``record_function`` (the plugin's
+            # stages) that the profiler also lays on the device's timeline
+            annotation = getattr(e, 'is_user_annotation', False) or e.key.startswith(STAGE_PREFIX)
+            if not (annotation or e.key.startswith(('Memcpy', 'Memset'))):
                 kernels[e.key] = (e.count, _device_time_us(e) / 1e3)
         else:
             calls[e.key] = calls.get(e.key, 0) + e.count

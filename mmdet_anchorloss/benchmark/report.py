@@ -1,5 +1,6 @@
 """Compare the two sides of each case, and write the report (JSON and markdown tables)."""
 
+import math
 import os
 import platform
 import subprocess
@@ -36,20 +37,41 @@ def compare_losses(
     plugin_grads: Sequence[float] = (),
     rtol: float = LOSS_RTOL,
 ) -> LossCheck:
-    """Compare per key and per entry; keys or lengths that differ never agree."""
+    """Compare per key and per entry; keys or lengths that differ never agree, nor do
+    losses that are not finite on either side (named in ``worst``: a float16 sum that
+    overflowed, say)."""
     if set(upstream) != set(plugin) or any(len(upstream[k]) != len(plugin[k]) for k in upstream):
         shapes = {k: len(v) for k, v in upstream.items()}, {k: len(v) for k, v in plugin.items()}
         return LossCheck(False, float('inf'), f'keys/lengths differ: {shapes}', None)
-    diffs = {
-        f'{key}[{i}]': relative_difference(b, a)
+    pairs = {
+        f'{key}[{i}]': (a, b)
         for key in upstream
         for i, (a, b) in enumerate(zip(upstream[key], plugin[key]))
+    }
+    not_finite = [
+        f'{side} {name}'
+        for name, pair in pairs.items()
+        for side, value in zip(SIDES, pair)
+        if not math.isfinite(value)
+    ]
+    diffs = {
+        name: relative_difference(b, a)
+        for name, (a, b) in pairs.items()
+        if math.isfinite(a) and math.isfinite(b)
     }
     worst = max(diffs, key=diffs.get) if diffs else '-'
     max_diff = diffs[worst] if diffs else 0.0
     grads = None
     if upstream_grads and len(upstream_grads) == len(plugin_grads):
-        grads = max(relative_difference(b, a) for a, b in zip(upstream_grads, plugin_grads))
+        finite = [
+            relative_difference(b, a)
+            for a, b in zip(upstream_grads, plugin_grads)
+            if math.isfinite(a) and math.isfinite(b)
+        ]
+        grads = max(finite, default=None)
+    if not_finite:
+        shown = ', '.join(not_finite[:4]) + (', ...' if len(not_finite) > 4 else '')
+        return LossCheck(False, max_diff, f'not finite: {shown}', grads)
     return LossCheck(max_diff <= rtol, max_diff, worst, grads)
 
 

@@ -1,31 +1,53 @@
 """SSD head with the batched loss: only the classification step differs (hard negatives)."""
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from mmdet.models.dense_heads import SSDHead
 from mmdet.models.losses import SmoothL1Loss
 from torch import Tensor
 
+from ..core.layout import levels_to_rows
+from ..kernels.backends import use_triton
 from ..kernels.softmax import softmax_cross_entropy_rows
 from ..registry import register_twin
 from .batched_loss import BatchedAnchorLossMixin, LossInputs
 
 
-def hard_negative_sum(neg_loss: Tensor, neg: Tensor, num_neg: Tensor) -> Tensor:
+def hard_negative_sum(
+    neg_loss: Tensor, neg: Tensor, num_neg: Tensor, rank_by: Optional[Tensor] = None
+) -> Tensor:
     """Per image, the sum of the ``num_neg`` largest negative losses.
 
     Args:
         neg_loss (Tensor): (B, N) loss of every anchor.
         neg (Tensor): (B, N) bool, which anchors are negatives.
         num_neg (Tensor): (B,) long, how many to keep (<= negatives of that image).
+        rank_by (Tensor, optional): (B, N) values that pick the negatives, when
+            ``neg_loss`` is not bitwise upstream's (rounding can swap two nearly equal
+            losses at the cut, and the gradient then goes to another anchor); default
+            ``neg_loss``.
 
     Returns:
         Tensor: (B,) sums; equal to upstream's per-image ``topk(num_neg).sum()``.
     """
-    ranked, _ = neg_loss.masked_fill(~neg, float('-inf')).sort(dim=1, descending=True)
     keep = torch.arange(neg_loss.size(1), device=neg_loss.device)[None] < num_neg[:, None]
+    if rank_by is None:
+        ranked, _ = neg_loss.masked_fill(~neg, float('-inf')).sort(dim=1, descending=True)
+    else:
+        order = rank_by.masked_fill(~neg, float('-inf')).argsort(dim=1, descending=True)
+        ranked = neg_loss.gather(1, order)
     return torch.where(keep, ranked, 0.0).sum(dim=1)
+
+
+def upstream_cross_entropy(cls_scores: List[Tensor], labels: Tensor, channels: int) -> Tensor:
+    """(B, N) ``F.cross_entropy(..., reduction='none')`` as upstream computes it: on the
+    (N, C + 1) rows of the permuted maps, in float32 (as autocast runs it). It copies the
+    logits; it serves to rank the negatives, bit for bit as upstream ranks them."""
+    rows = levels_to_rows(cls_scores, channels).float()
+    ce = F.cross_entropy(rows.view(-1, channels), labels.reshape(-1), reduction='none')
+    return ce.view(labels.shape)
 
 
 def patch_ssd_predict(cls: type = SSDHead) -> None:
@@ -70,7 +92,16 @@ class AnchorLossSSDHead(BatchedAnchorLossMixin, SSDHead):
         pos = t.labels < self.num_classes
         neg = t.labels == self.num_classes
         num_neg = torch.minimum(self.train_cfg['neg_pos_ratio'] * pos.sum(dim=1), neg.sum(dim=1))
-        cls_sum = (ce * pos).sum(dim=1) + hard_negative_sum(ce, neg, num_neg)
+        rank_by = None
+        if use_triton(cls_scores[0]) or cls_scores[0].is_cuda:
+            # the kernels' cross-entropy is upstream's to a few ulps, not bit for bit: rank
+            # the negatives by upstream's own values, so that the same anchors are kept
+            with torch.no_grad():
+                rank_by = (
+                    upstream_cross_entropy(cls_scores, t.labels, self.cls_out_channels)
+                    * t.label_weights
+                )
+        cls_sum = (ce * pos).sum(dim=1) + hard_negative_sum(ce, neg, num_neg, rank_by)
         return (cls_sum / t.avg_factor).view(-1, 1)
 
     def loss_groups(self, inputs: LossInputs) -> Tuple[Tensor, int]:

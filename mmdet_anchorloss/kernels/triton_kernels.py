@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
 
 SIGMOID_TILE = 4096  # logits per program of the sigmoid kernel: BLOCK_C classes x BLOCK_S
 SIGMOID_MAX_BLOCK_C = 16  # class rows per tile (they share one read of labels and weights)
+SIGMOID_NUM_WARPS = 8  # per program of the sigmoid kernel
 ASSIGN_BLOCK = 256  # anchors per program of the assignment kernels
 IOU_EPS = 1e-6  # bbox_overlaps' default
 # The IoU must equal upstream's eager ``bbox_overlaps`` bit for bit, so no a*b+c is fused
@@ -496,7 +497,7 @@ def sigmoid_level_loss(
         HAS_COEF_SCALE=coef_scale is not None,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
-        num_warps=8,
+        num_warps=SIGMOID_NUM_WARPS,
         **_FUSED,
     )
     return (partial.sum() if own else None), (grad if want_grad else None)

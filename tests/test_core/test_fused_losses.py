@@ -122,3 +122,52 @@ def test_compiled_softmax_matches_upstream_ssd(monkeypatch):
     assert softmax_levels.lse_and_prob_kernel._compiled is not None
     assert_losses_match(ref, got)
     assert_grads_match(ref_g, got_g)
+
+
+def test_hard_negatives_are_picked_by_rank_by():
+    """SSD's mining keeps the ``num_neg`` negatives that ``rank_by`` ranks highest and sums
+    their own losses; without it, the losses rank themselves."""
+    from mmdet_anchorloss.heads.anchor_loss_ssd_head import hard_negative_sum
+
+    loss = torch.tensor([[1.0, 1.0001, 0.5, 9.0]], requires_grad=True)
+    neg = torch.tensor([[True, True, True, False]])  # the 9.0 is a positive
+    rank = torch.tensor([[1.0001, 1.0, 0.5, 9.0]])
+    one = torch.tensor([1])
+    assert hard_negative_sum(loss, neg, one).item() == pytest.approx(1.0001)
+    total = hard_negative_sum(loss, neg, one, rank_by=rank)
+    assert total.item() == 1.0
+    total.backward()
+    assert loss.grad.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    both = hard_negative_sum(loss, neg, torch.tensor([2]), rank_by=rank)
+    assert both.item() == pytest.approx(2.0001)
+
+
+def test_ssd_mining_follows_upstreams_ranking_when_the_losses_are_off_by_rounding(monkeypatch):
+    """Where the plugin's cross-entropy is not bitwise upstream's (the Triton kernels on a
+    GPU), two nearly equal negatives can swap at the cut and the gradient goes to another
+    anchor. The head ranks by upstream's own values there: with a cross-entropy off by
+    noise of 3e-3, the gradients are still upstream's (and are not without the ranking)."""
+    from helpers import ssd_cfg
+
+    from mmdet_anchorloss.heads import anchor_loss_ssd_head as ssd_head
+
+    rows = ssd_head.softmax_cross_entropy_rows
+    gen = torch.Generator().manual_seed(0)
+
+    def rounded_off(*args):
+        ce = rows(*args)
+        return ce + 3e-3 * torch.randn(ce.shape, generator=gen).to(ce)
+
+    monkeypatch.setattr(ssd_head, 'softmax_cross_entropy_rows', rounded_off)
+    cfg = ssd_cfg()
+    upstream, plugin = build(cfg), build(to_plugin(cfg))
+    batch = make_batch(upstream, 2, (3, 1), [(300, 300), (280, 300)], pad_divisor=1)
+    ref, ref_g = loss_and_grads(upstream, *batch)
+    monkeypatch.setattr(ssd_head, 'use_triton', lambda x: True)  # the GPU's choice
+    got, got_g = loss_and_grads(plugin, *batch)
+    assert_losses_match(ref, got, rtol=1e-3)
+    assert_grads_match(ref_g, got_g)
+    monkeypatch.setattr(ssd_head, 'use_triton', lambda x: False)
+    _, unranked_g = loss_and_grads(plugin, *batch)
+    with pytest.raises(AssertionError):
+        assert_grads_match(ref_g, unranked_g)

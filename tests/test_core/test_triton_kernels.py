@@ -345,7 +345,7 @@ def test_assigner_kernels_equal_the_torch_path_bit_for_bit(tk, monkeypatch, opti
         from mmdet.structures.bbox import bbox_overlaps
 
         best = [
-            bbox_overlaps(g.bboxes, anchors.anchors[anchors.inside[i]]).amax(dim=1)
+            bbox_overlaps(g.bboxes.to(DEVICE), anchors.anchors[anchors.inside[i]]).amax(dim=1)
             for i, g in enumerate(gts)
             if len(g)
         ]

@@ -83,13 +83,17 @@ def test_cases_and_defaults():
 
 
 def test_half_inputs_match_float_inputs():
-    """A -fp16 case feeds the same values as its float32 twin, rounded to half."""
+    """A -fp16 case feeds its float32 twin's random draws, rounded to half; its logits
+    N(-PRIOR_LOGIT, 1) rather than N(-2, 2) (a float16 sum of the latter overflows upstream)."""
     head = cases.build_head(cases.CASES['ssd-b32-g10'], 'upstream', 'cpu')
     full = cases.make_inputs(head, cases.CASES['ssd-b32-g10'], True, 0, 'cpu')
     half = cases.make_inputs(head, cases.CASES['ssd-b32-g10-fp16'], True, 0, 'cpu')
     assert half.cls_scores[0].dtype == torch.float16 and half.cls_scores[0].requires_grad
     assert half.cls_scores[0].shape == full.cls_scores[0].shape == (4, 4 * 81, 38, 38)
-    assert torch.equal(half.cls_scores[2], full.cls_scores[2].detach().half())
+    draws = (full.cls_scores[2].detach() + 2) / 2
+    torch.testing.assert_close(half.cls_scores[2], (draws - cases.PRIOR_LOGIT).half())
+    assert abs(half.cls_scores[0].float().mean().item() + cases.PRIOR_LOGIT) < 0.01
+    assert torch.equal(half.bbox_preds[1], full.bbox_preds[1].detach().half())
     assert torch.equal(half.gts[1].bboxes, full.gts[1].bboxes)  # boxes stay float32
 
 
@@ -106,6 +110,14 @@ def test_compare_losses():
     assert not report.compare_losses(ref, dict(loss_cls=[1.0, 2.0])).agree
     grads = report.compare_losses(ref, ref, [2.0, 4.0], [2.0, 4.4])
     assert grads.grad_norm_max_rel_diff == pytest.approx(0.1)
+    # a float16 sum that overflowed upstream: named, never agreeing; the rest compared
+    inf = float('inf')
+    up, plugin = dict(loss_cls=[inf, 2.0]), dict(loss_cls=[7.0, 2.0 * (1 + 1e-3)])
+    over = report.compare_losses(up, plugin, [float('nan'), 1.0], [3.0, 1.0])
+    assert not over.agree and over.worst == 'not finite: upstream loss_cls[0]'
+    assert over.max_rel_diff == pytest.approx(1e-3) and over.grad_norm_max_rel_diff == 0.0
+    nan = report.compare_losses(dict(loss_cls=[1.0]), dict(loss_cls=[float('nan')]))
+    assert not nan.agree and nan.worst == 'not finite: plugin loss_cls[0]'
 
 
 def test_cls_kernel_pattern():
@@ -139,9 +151,17 @@ def test_kernel_summary():
 
     rows = [
         row('void sigmoid_focal_loss_forward_cuda_kernel<float>(...)', cuda, 5, 2000),
+        SimpleNamespace(  # a user range by the profiler's own flag
+            key='my_range',
+            device_type=cuda,
+            count=1,
+            self_device_time_total=9000,
+            is_user_annotation=True,
+        ),
         row('triton_red_fused_sigmoid_sum_0', cuda, 5, 1000),
         row('void at::native::reduce_kernel<512, 1>(...)', cuda, 40, 500),
         row('Memcpy DtoH (Device -> Pinned)', cuda, 14, 30),
+        row('anchorloss/sample', cuda, 1, 33000),  # a stage's range on the GPU timeline
         row('cudaLaunchKernel', cpu, 45),
         row('cuLaunchKernel', cpu, 5),
         row('cudaStreamSynchronize', cpu, 14),
