@@ -304,10 +304,17 @@ def assert_fp16_results_match(ref, ref_g, got, got_g) -> None:
     for key in ref:
         for a, b in zip(ref[key], got[key]):
             torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-3)
-    for a, b in zip(ref_g, got_g):
+    for i, (a, b) in enumerate(zip(ref_g, got_g)):
         assert b.dtype == torch.float16
         scale = a.float().abs().max().clamp(min=1e-6)
-        assert float((a.float() - b.float()).abs().max() / scale) < 2e-2
+        diff = (a.float() - b.float()).abs()
+        worst = diff.argmax()
+        where = tuple(int(k) for k in torch.unravel_index(worst, diff.shape))
+        assert float(diff.flatten()[worst] / scale) < 2e-2, (
+            f'grad of map {i} {tuple(a.shape)}: at {where} upstream {a.flatten()[worst].item():.4g}'
+            f', plugin {b.flatten()[worst].item():.4g} (largest {scale.item():.4g}); '
+            f'{int((diff > 2e-2 * scale).sum())} entries off by more than 2% of it'
+        )
 
 
 def upstream_assign_stats(head, cls_scores, bbox_preds, gts, metas, ignore) -> List[Dict[str, int]]:

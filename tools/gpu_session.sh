@@ -54,6 +54,17 @@ PYTHONPATH=/tmp/bt:/tmp/site TORCH_CUDA_ARCH_LIST=$arch timeout 240 \
   python3 tools/mmcv_ops_subset.py /tmp/mmcv-src /tmp/mmcv-subset --jobs "$(nproc)" \
   > "$out/mmcv_subset_build.log" 2>&1
 tail -3 "$out/mmcv_subset_build.log"
+# every built function once, in a process of its own (a build whose
+# get_compiling_cuda_version crashed the process on an H200 is why)
+[ -f /tmp/mmcv-subset/mmcv/_ext_subset.so ] && PYTHONPATH=/tmp/site:/tmp/mmcv-subset \
+  timeout 60 python3 -X faulthandler -c "
+import torch, mmcv.ops as o
+boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10.0]], device='cuda')
+keep = o.nms(boxes, torch.tensor([0.9, 0.8], device='cuda'), 0.5)[1].tolist()
+print(o.get_compiler_version(), 'CUDA', o.get_compiling_cuda_version(), 'nms keeps', keep)
+assert keep == [0], keep" > "$out/mmcv_subset_check.log" 2>&1 \
+  || { tail -30 "$out/mmcv_subset_check.log"; rm -f /tmp/mmcv-subset/mmcv/_ext_subset.so; }
+tail -1 "$out/mmcv_subset_check.log"
 if [ -f /tmp/mmcv-subset/mmcv/_ext_subset.so ]; then
   export PYTHONPATH=/tmp/site:/tmp/mmcv-subset:$(pwd)
   el "mmcv's CUDA sigmoid focal loss against mmdet's pure-torch one"
