@@ -5,15 +5,18 @@
 # mmdet stack, setuptools for mmcv's build, mmcv 2.1.0's sdist). A call of the device tool
 # may run 600 s; mmcv's full CUDA build takes about 320 of them. Upstream's side needs only
 # mmcv's focal losses and nms, so:
-#   1. tools/mmcv_ops_subset.py builds those from mmcv's sdist (about a minute), and a check
-#      compares mmcv's CUDA sigmoid focal loss with mmdet's pure-torch one;
+#   1. tools/mmcv_ops_subset.py builds those from mmcv's sdist (about 40 s on an H200
+#      machine), and a check compares mmcv's CUDA sigmoid focal loss with mmdet's
+#      pure-torch one;
 #   2. the headline case (HEADLINE, default retina-b8-g10, profiled; empty: none);
 #   3. the gpu tests (pytest arguments GPU_TESTS, default -m gpu), with
 #      PYTHONFAULTHANDLER=1 so that a crash in a tool a test starts prints its stack;
 #   4. CHECK_CMD="..." if set;
 #   5. the other cases (CASES), the RPN profiled for its host time.
-# If the subset build fails, mmcv's full build runs instead (in the background, while the
-# gpu tests run against a stand-in mmcv whose ops raise), and then the same cases.
+# If the subset fails to build, or a call of one of its functions fails (nms on the GPU,
+# the version queries; each in a process of its own), mmcv's full build runs instead, in the
+# background while the gpu tests run against a stand-in mmcv whose ops raise; then the
+# headline case, the tests that failed, CHECK_CMD and the cases.
 # Every log goes to /tmp/logs, packed into OUT_DIR/logs.tgz after each step, so a run cut
 # short still returns what it did.
 set -u

@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     # only the module's init is exported: no symbol of another loaded library can stand in
     # for these (the first build, without it, crashed in get_compiling_cuda_version on an
     # H200; that this was the cause is a guess, and the session script checks every build)
-    hidden = ['-fvisibility=hidden']
+    hidden = '-fvisibility=hidden'
     # torch's builder names each object after its file: nms.cpp and cpu/nms.cpp would clash
     sources = [build / 'pybind_subset.cpp', build / 'cudabind_subset.cpp']
     for source in SOURCES:
@@ -130,8 +130,8 @@ def main(argv=None) -> None:
         name='_ext_subset',
         sources=[str(s) for s in sources],
         extra_include_paths=[str(csrc / d) for d in ('pytorch', 'common', 'common/cuda')],
-        extra_cflags=flags + hidden,
-        extra_cuda_cflags=flags + ['-Xcompiler'] + hidden,
+        extra_cflags=flags + [hidden],
+        extra_cuda_cflags=flags + ['-Xcompiler', hidden],
         build_directory=str(build),
         verbose=True,
     )

@@ -83,12 +83,17 @@ def train_options(root: Path) -> List[str]:
     ]
 
 
-def read_losses(work_dir: Path) -> List[float]:
-    """Per-iteration total loss from the newest run's ``vis_data/scalars.json``."""
+def loss_records(work_dir: Path) -> List[dict]:
+    """The records with a loss in the newest run's ``vis_data/scalars.json``, by iteration."""
     files = sorted(work_dir.glob('*/vis_data/scalars.json'))
     assert files, f'no scalars.json under {work_dir}'
     records = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
-    return [rec['loss'] for rec in sorted(records, key=lambda r: r['iter']) if 'loss' in rec]
+    return sorted((r for r in records if 'loss' in r), key=lambda r: r['iter'])
+
+
+def read_losses(work_dir: Path) -> List[float]:
+    """Per-iteration total loss of the newest run."""
+    return [rec['loss'] for rec in loss_records(work_dir)]
 
 
 @pytest.mark.parametrize('config', SHAPES_CONFIGS, ids=lambda p: p.stem)
@@ -158,10 +163,7 @@ def test_amp_on_cpu_is_a_clear_error():
 
 def first_losses(work_dir: Path) -> dict:
     """The loss terms logged at the first iteration of the newest run."""
-    files = sorted(work_dir.glob('*/vis_data/scalars.json'))
-    assert files, f'no scalars.json under {work_dir}'
-    records = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
-    first = min((r for r in records if 'loss' in r), key=lambda r: r['iter'])
+    first = loss_records(work_dir)[0]
     return {k: v for k, v in first.items() if k.startswith('loss')}
 
 
