@@ -9,6 +9,9 @@ holds:
 
 - the registers, local memory (spills) and shared memory of each kernel (``cuobjdump``);
 - whether the maps are read with 128-bit vector loads (``ld.global.v4`` in the PTX);
+- how many machine instructions (SASS, ``cuobjdump -sass``) the build holds and how many
+  its loop repeats, hence how many a thread of the sigmoid kernel runs per logit: a count,
+  not a time, but the kernel was issue-bound on an H200 (see ``triton_kernels``);
 - which floating-point instructions the assignment kernels use: their IoUs must equal
   ``bbox_overlaps``' bit for bit, so no ``fma`` and a correctly rounded ``div.rn``.
 
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -50,6 +53,8 @@ class BuiltKernel(NamedTuple):
     shared_bytes: int
     num_warps: int
     vector_loads: int  # 128-bit global loads (ld.global.v4) in the PTX
+    sass: Optional[int]  # machine instructions in the build; None without cuobjdump
+    loop_sass: Optional[int]  # of them, in the kernel's loop (0: no loop)
     float_ops: Dict[str, int]  # count of each fma / div / rcp variant in the PTX
     ptx: str
 
@@ -233,6 +238,44 @@ def _resources(cubin: bytes) -> Dict[str, int]:
     return {k: int(v) for k, v in _RESOURCE.findall(function)}
 
 
+_SASS_LINE = re.compile(r'/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);')
+
+
+def _sass_counts(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
+    """(instructions, instructions of the loop) of the one function in ``cubin``: the loop
+    runs from a backward branch's target to the branch (0 when there is none). (None,
+    None) without cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [str(tool), '-sass', f.name], capture_output=True, text=True, check=True
+        ).stdout
+    lines = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(out)]
+    loop = 0
+    for address, op, rest in lines:
+        target = re.search(r'0x([0-9a-f]+)', rest) if op == 'BRA' else None
+        if target and int(target.group(1), 16) < address:  # a branch back: the loop
+            start = int(target.group(1), 16)
+            loop = max(loop, sum(1 for a, _, _ in lines if start <= a <= address))
+    # the last BRA to itself after EXIT is padding, not code
+    real = [op for _, op, _ in lines if op != 'NOP']
+    return len(real), loop
+
+
+def sass_per_logit(r: 'BuiltKernel') -> float:
+    """Machine instructions a thread of the sigmoid kernel runs per logit it holds: the
+    build's instructions, its loop repeated CLASS_STEPS - 1 more times, over CLASS_STEPS
+    tiles of BLOCK_C x BLOCK_S logits shared by the program's threads."""
+    k = r.constants
+    steps = k['CLASS_STEPS']
+    per_thread = k['BLOCK_C'] * k['BLOCK_S'] / (32 * r.num_warps)
+    return (r.sass + (steps - 1) * r.loop_sass) / (steps * per_thread)
+
+
 def _count(pattern: re.Pattern, text: str) -> Dict[str, int]:
     return dict(collections.Counter(pattern.findall(text)))
 
@@ -260,6 +303,7 @@ def build_all(arch: int, progress: Optional[Callable[[str], None]] = None) -> Li
             call()
         for kernel, constants, compiled in built:
             usage = _resources(compiled.asm['cubin'])
+            sass, loop_sass = _sass_counts(compiled.asm['cubin'])
             ptx = compiled.asm['ptx']
             results.append(
                 BuiltKernel(
@@ -273,6 +317,8 @@ def build_all(arch: int, progress: Optional[Callable[[str], None]] = None) -> Li
                     shared_bytes=compiled.metadata.shared,
                     num_warps=compiled.metadata.num_warps,
                     vector_loads=len(re.findall(r'ld\.global(?:\.[a-z]+)*\.v4', ptx)),
+                    sass=sass,
+                    loop_sass=loop_sass,
                     float_ops=_count(_FLOAT_OPS, ptx),
                     ptx=ptx,
                 )
@@ -283,14 +329,19 @@ def build_all(arch: int, progress: Optional[Callable[[str], None]] = None) -> Li
 def table(results: List[BuiltKernel]) -> str:
     """A Markdown table of the builds, one row per kernel specialisation."""
     rows = [
-        '| arch | launch | kernel | regs | spills (B) | shared (B) | warps | v4 loads | fma, div |',
-        '|---|---|---|---:|---:|---:|---:|---:|---|',
+        '| arch | launch | kernel | regs | spills (B) | shared (B) | warps | v4 loads '
+        '| SASS (loop) | SASS per logit | fma, div |',
+        '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|',
     ]
     for r in results:
         ops = ', '.join(f'{op} x{n}' for op, n in sorted(r.float_ops.items())) or '-'
+        per_logit = '-'
+        if r.kernel == '_sigmoid_level_kernel' and r.sass is not None:
+            per_logit = f'{sass_per_logit(r):.1f}'
         rows.append(
             f'| sm_{r.arch} | {r.case} | {r.kernel} | {r.registers} | {r.local_bytes} '
-            f'| {r.shared_bytes} | {r.num_warps} | {r.vector_loads} | {ops} |'
+            f'| {r.shared_bytes} | {r.num_warps} | {r.vector_loads} | {r.sass} ({r.loop_sass}) '
+            f'| {per_logit} | {ops} |'
         )
     return '\n'.join(rows)
 

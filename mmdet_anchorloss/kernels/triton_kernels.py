@@ -6,15 +6,23 @@ ran at about 70 GB/s. These kernels instead walk each map along its contiguous H
 every program reads a tile of logits once, writes their gradient once, and leaves one
 partial sum; a cheap ``sum`` over the partials finishes the total.
 
-The sigmoid kernel's tile is up to 16 class rows of one (image, anchor) by up to 1024
-locations. Its first form, one class row per program, read each anchor's label and
-weight (strided by A in mmdet's anchor order) once per class: on an H100 (2026-11-26) the
-forward ran at about 320 GB/s and the backward at about 620 GB/s, with the focal loss of
-RetinaNet at B=8 taking 3.1 ms of the step's 3.9 ms of GPU time. A tile now reads them
-once for all its class rows: on an H200 (2026-11-27, ``d553a43``) the forward over the
-492 MB of logits took 0.48 ms (about 1.0 TB/s) and the backward 0.73 ms (about 1.4 TB/s
-read and written), still short of half the card's copy rate
-(``tools/sweep_sigmoid_kernel.py`` times the tile settings).
+The sigmoid kernel's history, and why it looks as it does:
+
+- First form, one class row per program, each reading its anchors' labels and weights
+  (strided by A in mmdet's anchor order): on an H100 (2026-11-26) the forward ran at about
+  320 GB/s, the backward at about 620 GB/s.
+- Tiles of 16 class rows sharing one read of labels and weights: on an H200 (2026-11-27,
+  ``d553a43``) the forward over RetinaNet's 492 MB of logits at B=8 took 0.48 ms (about
+  1.0 TB/s), the backward 0.73 ms (about 1.4 TB/s read and written): short of half the
+  card's copy rate. Its sm_90 build ran about 78 machine instructions per logit (libdevice's
+  ``logf``, two full-range divisions, a tile's worth of label and weight reads), which
+  points at instruction issue rather than memory as its limit (a reading of the count,
+  not a measurement).
+- Now (not yet timed on a GPU): the math is one ``exp2``, one ``rsqrt`` and a polynomial
+  (see the kernel), and a program reads its locations' labels and weights once and loops
+  over all the classes; the build runs 34 instructions per logit forward and 38 backward
+  (``tools/compile_kernels.py``), with 55 registers instead of 86.
+  ``tools/sweep_sigmoid_kernel.py`` times the program shapes on a GPU.
 
 - ``sigmoid_level_loss``: sigmoid focal / binary cross-entropy of one level map, the target
   of each entry (1 where the class is the anchor's label) decided in the kernel from the
@@ -49,9 +57,10 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
     tl = None
 
-SIGMOID_TILE = 4096  # logits per program of the sigmoid kernel: BLOCK_C classes x BLOCK_S
+SIGMOID_TILE = 2048  # logits per step of a sigmoid program: BLOCK_C classes x BLOCK_S
 SIGMOID_MAX_BLOCK_C = 16  # class rows per tile (they share one read of labels and weights)
 SIGMOID_NUM_WARPS = 8  # per program of the sigmoid kernel
+SIGMOID_CLASS_STEPS = None  # class tiles per program; None: all (the sweep tries others)
 ASSIGN_BLOCK = 256  # anchors per program of the assignment kernels
 IOU_EPS = 1e-6  # bbox_overlaps' default
 # The IoU must equal upstream's eager ``bbox_overlaps`` bit for bit, so no a*b+c is fused
@@ -94,6 +103,23 @@ if triton is not None:
             return tl.where(p > 0, tl.exp(gamma * tl.log(p)), 0.0)
 
     @triton.jit
+    def _log1p_unit(e):
+        """log1p(e) for e in [0, 1]: e times a degree-9 polynomial (Chebyshev fit of
+        log1p(e) / e, within 1.6e-7 of it in float32), nine FMAs where ``tl.log`` is a
+        libdevice call of some twenty instructions and Goldberg's form needs a division;
+        relative, so exp(x)'s tail at very negative x is not rounded to zero."""
+        h = -0.0031760570127516985 * e + 0.019542526453733444
+        h = h * e - 0.056373611092567444
+        h = h * e + 0.10543623566627502
+        h = h * e - 0.1526966691017151
+        h = h * e + 0.1966327428817749
+        h = h * e - 0.24951615929603577
+        h = h * e + 0.33329710364341736
+        h = h * e - 0.49999892711639404
+        h = h * e + 1.0
+        return h * e
+
+    @triton.jit
     def _sigmoid_level_kernel(
         x_ptr,
         coef_ptr,
@@ -118,55 +144,69 @@ if triton is not None:
         HAS_COEF_SCALE: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        CLASS_STEPS: tl.constexpr,
     ):
-        """A (BLOCK_C classes, BLOCK_S locations) tile of one (image, anchor) of a level map:
-        target 0 or 1 by label. The anchors' labels and weights are read once per tile and
-        serve its BLOCK_C class rows; each class row is read along the contiguous H x W."""
+        """BLOCK_S locations of one (image, anchor) of a level map, CLASS_STEPS tiles of
+        BLOCK_C class rows each (all the classes unless the grid's third axis splits them):
+        target 0 or 1 by label. The anchors' labels and weights (strided by A in mmdet's
+        order) are read and weighted once per program, for all its class rows; each class
+        row is read along the contiguous H x W.
+
+        Per logit, with z = -x where the target is 1 and x elsewhere (the target-1 loss is
+        the target-0 loss of -x): s = sigmoid(z) and softplus(z) from one exp2, whose
+        1 / (1 + e) is rsqrt(1 + e) squared (1 + e is in [1, 2]; a division would be
+        eight instructions), and ``_log1p_unit``; loss alpha s^g softplus(z), gradient
+        sign alpha s^g (g (1 - s) softplus(z) + s)."""
         ba = tl.program_id(1)  # b * A + a
         a = ba % A
         b = ba // A
-        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        s_ok = s < S
-        mask = (c < C)[:, None] & s_ok[None, :]
-        anchor = b.to(tl.int64) * N + level_start + s * A + a  # (b, n), n in mmdet's order
-        coef = tl.load(coef_ptr + anchor, mask=s_ok, other=0.0)[None, :]
+        s_idx = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_ok = s_idx < S
+        anchor = b.to(tl.int64) * N + level_start + s_idx * A + a  # (b, n), mmdet's order
+        coef = tl.load(coef_ptr + anchor, mask=s_ok, other=0.0)
         if HAS_COEF_SCALE:  # the product the caller would have formed, in the same float32
             coef = coef * tl.load(coef_scale_ptr)
-        label = tl.load(label_ptr + anchor, mask=s_ok, other=-1)[None, :]
-        offs = (ba.to(tl.int64) * C + c)[:, None] * S + s[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        # sigmoid and softplus of x and -x from one exp; log1p(e) without libdevice as
-        # log(u) * e / (u - 1) (Goldberg), exact where u rounds to 1 (e tiny)
-        e = tl.exp(-tl.abs(x))
-        u = 1.0 + e
-        inv = 1.0 / u
-        lg = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-        pos_x = x >= 0
-        p = tl.where(pos_x, inv, e * inv)  # sigmoid(x)
-        q = tl.where(pos_x, e * inv, inv)  # sigmoid(-x)
-        sp = tl.maximum(x, 0.0) + lg  # softplus(x)
-        spn = tl.maximum(-x, 0.0) + lg  # softplus(-x)
-        target = label == c[:, None]
-        # target 1: alpha_pos q^g softplus(-x); target 0: alpha_neg p^g softplus(x)
-        base = tl.where(target, q, p)
-        soft = tl.where(target, spn, sp)
-        alpha = tl.where(target, alpha_pos, alpha_neg)
-        pg = _power(base, gamma, GAMMA_MODE)
+        label = tl.load(label_ptr + anchor, mask=s_ok, other=-1).to(tl.int32)[None, :]
+        # per-location factors of the two targets (locations past S: coef 0, x 0, so 0)
         if WANT_LOSS:
-            loss = alpha * pg * soft * coef
+            w_pos = (coef * alpha_pos)[None, :]
+            w_neg = (coef * alpha_neg)[None, :]
+            acc = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+        if WANT_GRAD:
+            # the incoming gradient of the level's total (AMP's loss scale, weights)
+            g = coef * tl.load(grad_scale_ptr + scale_index)
+            g_pos = (-(g * alpha_pos))[None, :]
+            g_neg = (g * alpha_neg)[None, :]
+        row0 = ba.to(tl.int64) * C
+        c_first = tl.program_id(2) * (CLASS_STEPS * BLOCK_C)
+        for step in range(CLASS_STEPS):
+            c = c_first + step * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            mask = c_ok[:, None] & s_ok[None, :]
+            offs = (row0 + c)[:, None] * S + s_idx[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            target = label == c[:, None]
+            z = tl.where(target, -x, x)
+            e = tl.exp2(tl.abs(x) * -1.4426950408889634)  # exp(-|x|)
+            rs = tl.math.rsqrt(1.0 + e)
+            r = rs * rs  # sigmoid(|x|)
+            s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
+            sp = tl.maximum(z, 0.0) + _log1p_unit(e)  # softplus(z)
+            pg = _power(s, gamma, GAMMA_MODE)
+            if WANT_LOSS:
+                loss = tl.where(target, w_pos, w_neg) * (pg * sp)
+                if C % BLOCK_C != 0:  # rows past C read x = 0: their loss is not 0
+                    loss = tl.where(c_ok[:, None], loss, 0.0)
+                acc += loss
+            if WANT_GRAD:
+                grad = tl.where(target, g_pos, g_neg) * (pg * (gamma * (1.0 - s) * sp + s))
+                tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        if WANT_LOSS:
             tile = (tl.program_id(2) * tl.num_programs(1) + ba) * tl.num_programs(0)
             tl.store(
                 partial_ptr + partial_offset + tile + tl.program_id(0),
-                tl.sum(tl.sum(tl.where(mask, loss, 0.0), axis=1), axis=0),
+                tl.sum(tl.sum(acc, axis=1), axis=0),
             )
-        if WANT_GRAD:
-            # d/dx: target 0: +alpha p^g (g (1-p) sp + p); target 1: -alpha q^g (g (1-q) spn + q)
-            sign = tl.where(target, -1.0, 1.0)
-            grad = coef * sign * alpha * pg * (gamma * (1.0 - base) * soft + base)
-            # scaled by the incoming gradient of the level's total (AMP's loss scale, weights)
-            grad = grad * tl.load(grad_scale_ptr + scale_index)
-            tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _iou(gx1, gy1, gx2, gy2, ax1, ay1, ax2, ay2, eps):
@@ -398,20 +438,26 @@ def _gamma_mode(gamma: float) -> int:
     return 0 if gamma == 0.0 else 2 if gamma == 2.0 else 1
 
 
-def _sigmoid_tile(num_classes: int) -> Tuple[int, int]:
-    """(BLOCK_C, BLOCK_S) of the sigmoid kernel for C classes: up to 16 class rows (RPN's one
-    class gets one), and locations to fill SIGMOID_TILE logits, at most 1024."""
+def _sigmoid_tile(num_classes: int) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_S, CLASS_STEPS) of the sigmoid kernel for C classes: tiles of up to 16
+    class rows (RPN's one class gets one) by locations to fill SIGMOID_TILE logits, at most
+    1024; CLASS_STEPS tiles a program (all of them, or SIGMOID_CLASS_STEPS)."""
     block_c = min(SIGMOID_MAX_BLOCK_C, triton.next_power_of_2(max(num_classes, 1)))
-    return block_c, min(1024, SIGMOID_TILE // block_c)
+    steps = triton.cdiv(max(num_classes, 1), block_c)
+    if SIGMOID_CLASS_STEPS is not None:
+        steps = min(steps, SIGMOID_CLASS_STEPS)
+    return block_c, min(1024, SIGMOID_TILE // block_c), steps
 
 
-def _sigmoid_grid(x: Tensor, num_base: int) -> Tuple[Tuple[int, int, int], int, int]:
-    """The sigmoid kernel's grid (location tiles, B * A, class tiles) over a (B, A * C, H, W)
-    map, and its (BLOCK_C, BLOCK_S)."""
+def _sigmoid_grid(x: Tensor, num_base: int) -> Tuple[Tuple[int, int, int], int, int, int]:
+    """The sigmoid kernel's grid (location tiles, B * A, class groups: 1 unless
+    SIGMOID_CLASS_STEPS splits the classes) over a (B, A * C, H, W) map, and its (BLOCK_C,
+    BLOCK_S, CLASS_STEPS)."""
     B, AC, H, W = x.shape
-    block_c, block_s = _sigmoid_tile(AC // num_base)
-    grid = (triton.cdiv(H * W, block_s), B * num_base, triton.cdiv(AC // num_base, block_c))
-    return grid, block_c, block_s
+    C = AC // num_base
+    block_c, block_s, steps = _sigmoid_tile(C)
+    grid = (triton.cdiv(H * W, block_s), B * num_base, triton.cdiv(C, block_c * steps))
+    return grid, block_c, block_s, steps
 
 
 def sigmoid_level_loss(
@@ -467,7 +513,7 @@ def sigmoid_level_loss(
         raise ValueError('sigmoid_level_loss: want_loss or want_grad must be set')
     B, AC, H, W = x.shape
     x = x.contiguous()
-    grid, block_c, block_s = _sigmoid_grid(x, num_base)
+    grid, block_c, block_s, steps = _sigmoid_grid(x, num_base)
     own = want_loss and partial is None
     if own:
         partial = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=x.device)
@@ -500,6 +546,7 @@ def sigmoid_level_loss(
         HAS_COEF_SCALE=coef_scale is not None,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
+        CLASS_STEPS=steps,
         num_warps=SIGMOID_NUM_WARPS,
         **_FUSED,
     )
@@ -508,7 +555,7 @@ def sigmoid_level_loss(
 
 def sigmoid_tiles(x: Tensor, num_base: int) -> int:
     """Programs (partial sums) of ``sigmoid_level_loss`` over a (B, A * C, H, W) map."""
-    grid, _, _ = _sigmoid_grid(x, num_base)
+    grid = _sigmoid_grid(x, num_base)[0]
     return grid[0] * grid[1] * grid[2]
 
 

@@ -110,8 +110,9 @@ def _reference(maps, num_base, labels, weights, scale, params, monkeypatch):
 @pytest.mark.parametrize('C', [7, 20])
 def test_sigmoid_level_kernel_matches_torch_kernels(tk, monkeypatch, params, dtype, C):
     """Two levels (the second starts mid-N), ragged tiles: 7 classes in one tile of 8 rows
-    and 512 locations, 20 in two tiles of 16 rows; the second level's 33 x 16 locations
-    span 2 tiles of 512 and 3 of 256. Both targets, weighted sum."""
+    and 256 locations, 20 in two steps of 16 rows (the second one 4 rows short) and 128
+    locations; the second level's 33 x 16 locations span 3 tiles of 256 and 5 of 128. Both
+    targets, weighted sum; logits at the functions' tails (-90: exp(x) flushed to zero)."""
     gen = torch.Generator().manual_seed(0)
     B, num_base, sizes = 2, [3, 2], [(5, 9), (33, 16)]
     maps = [
@@ -119,7 +120,7 @@ def test_sigmoid_level_kernel_matches_torch_kernels(tk, monkeypatch, params, dty
         for a, (h, w) in zip(num_base, sizes)
     ]
     maps[0].view(-1)[:4] = torch.tensor([-30.0, 30.0, 0.0, -90.0])  # the functions' tails
-    assert [tk._sigmoid_tile(c) for c in (1, 7, 20)] == [(1, 1024), (8, 512), (16, 256)]
+    assert [tk._sigmoid_tile(c) for c in (1, 7, 20)] == [(1, 1024, 1), (8, 256, 1), (16, 128, 2)]
     N = sum(a * h * w for a, (h, w) in zip(num_base, sizes))
     labels = torch.randint(0, C + 1, (B, N), generator=gen).to(DEVICE)
     weights = torch.rand(B, N, generator=gen).to(DEVICE)
@@ -190,6 +191,28 @@ def test_sigmoid_kernel_softplus_tail_is_not_rounded_to_zero(tk):
     total, _ = tk.sigmoid_level_loss(x, coef, labels, 0, 1, 0.0, 1.0, 1.0)
     expect = 4 * torch.nn.functional.softplus(torch.tensor(-20.0, dtype=torch.float64))
     assert abs(float(total) - float(expect)) <= 1e-6 * float(expect)
+
+
+@needs_kernels
+@pytest.mark.parametrize('steps', [1, 2])
+def test_sigmoid_kernel_split_over_class_groups_gives_the_same_numbers(tk, monkeypatch, steps):
+    """``SIGMOID_CLASS_STEPS`` (the sweep's other program shapes) splits a program's classes
+    over the grid's third axis: 40 classes are 3 tiles of 16 rows, all in one program by
+    default, 3 or 2 class groups here. Each group leaves partial sums of its own; the total
+    and the gradient are the default's."""
+    gen = torch.Generator().manual_seed(5)
+    B, A, C, H, W = 2, 3, 40, 6, 7
+    x = (torch.randn(B, A * C, H, W, generator=gen) * 4).to(DEVICE)
+    labels = torch.randint(0, C + 1, (B, A * H * W), generator=gen).to(DEVICE)
+    coef = torch.rand(B, A * H * W, generator=gen).to(DEVICE)
+    params = (2.0, 0.25, 0.75)
+    total, grad = tk.sigmoid_level_loss(x, coef, labels, 0, A, *params)
+    tiles = tk.sigmoid_tiles(x, A)
+    monkeypatch.setattr(tk, 'SIGMOID_CLASS_STEPS', steps)
+    assert tk.sigmoid_tiles(x, A) == tiles * (3 if steps == 1 else 2)
+    split_total, split_grad = tk.sigmoid_level_loss(x, coef, labels, 0, A, *params)
+    torch.testing.assert_close(split_total, total, rtol=1e-6, atol=0)
+    assert torch.equal(split_grad, grad)  # each logit's gradient is computed the same way
 
 
 @needs_kernels
