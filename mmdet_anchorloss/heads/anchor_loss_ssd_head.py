@@ -36,16 +36,23 @@ def hard_negative_sum(
     if rank_by is None:
         ranked, _ = neg_loss.masked_fill(~neg, float('-inf')).sort(dim=1, descending=True)
     else:
-        order = rank_by.masked_fill(~neg, float('-inf')).argsort(dim=1, descending=True)
+        # stable: of equal values, the lower anchor index first, as CUDA's topk keeps them
+        # (ties are common where upstream ranks half-precision values)
+        order = rank_by.masked_fill(~neg, float('-inf')).argsort(
+            dim=1, descending=True, stable=True
+        )
         ranked = neg_loss.gather(1, order)
     return torch.where(keep, ranked, 0.0).sum(dim=1)
 
 
 def upstream_cross_entropy(cls_scores: List[Tensor], labels: Tensor, channels: int) -> Tensor:
-    """(B, N) ``F.cross_entropy(..., reduction='none')`` as upstream computes it: on the
-    (N, C + 1) rows of the permuted maps, in float32 (as autocast runs it). It copies the
-    logits; it serves to rank the negatives, bit for bit as upstream ranks them."""
-    rows = levels_to_rows(cls_scores, channels).float()
+    """(B, N) ``F.cross_entropy(..., reduction='none')`` as upstream calls it: on the (N, C + 1)
+    rows of the permuted maps, in the maps' own dtype, under whatever autocast is active.
+    Under CUDA autocast with float16 maps upstream's values come back rounded to float16
+    (the H200 run of d553a43: its SSD losses were those of float32 cross-entropies rounded
+    to half), so its hard negatives are ranked on half values, with many ties. It copies
+    the logits; it serves to rank the negatives bit for bit as upstream ranks them."""
+    rows = levels_to_rows(cls_scores, channels)
     ce = F.cross_entropy(rows.view(-1, channels), labels.reshape(-1), reduction='none')
     return ce.view(labels.shape)
 

@@ -142,6 +142,59 @@ def test_hard_negatives_are_picked_by_rank_by():
     assert both.item() == pytest.approx(2.0001)
 
 
+def _tied_negatives(device: str, seed: int = 0):
+    """(4, 3000) ranks on a grid of 1/8 (ties everywhere, as among half values, only more),
+    their negatives and how many to keep."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = (torch.randn(4, 3000, generator=gen) * 8).round() / 8
+    neg = torch.rand(4, 3000, generator=gen) < 0.9
+    num_neg = torch.tensor([40, 1, 200, 7])
+    return rank.to(device), neg.to(device), num_neg.to(device)
+
+
+def test_hard_negative_ties_go_to_the_lower_anchor_index():
+    """Ranked on half values (upstream's cross-entropy under CUDA autocast), negatives tie:
+    of those equal to the last value kept, the lower anchor indices are kept (CUDA's topk
+    fills its last places with equal values in index order)."""
+    from mmdet_anchorloss.heads.anchor_loss_ssd_head import hard_negative_sum
+
+    loss = torch.tensor([[5.0, 2.0, 2.0, 2.0, 2.0]], requires_grad=True)
+    neg = torch.tensor([[True, False, True, True, True]])
+    rank = torch.tensor([[3.0, 1.0, 1.0, 1.0, 1.0]])  # anchors 2, 3, 4 tie
+    total = hard_negative_sum(loss, neg, torch.tensor([3]), rank_by=rank)
+    total.backward()
+    assert loss.grad.tolist() == [[1.0, 0.0, 1.0, 1.0, 0.0]]  # anchor 1 is no negative
+    rank, neg, num_neg = _tied_negatives('cpu')
+    leaf = rank.clone().requires_grad_()
+    hard_negative_sum(leaf, neg, num_neg, rank_by=rank).sum().backward()
+    for b in range(4):
+        kept = leaf.grad[b].nonzero().flatten()
+        cut = rank[b, kept].min()
+        assert len(kept) == num_neg[b] and bool((rank[b, kept] >= cut).all())
+        ties = ((rank[b] == cut) & neg[b]).nonzero().flatten()
+        tied_kept = kept[rank[b, kept] == cut]
+        assert len(ties) > len(tied_kept) or b == 1, (b, ties, tied_kept)  # a real tie at the cut
+        assert torch.equal(tied_kept, ties[: len(tied_kept)])  # the lowest indices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_hard_negatives_keep_the_anchors_cuda_topk_keeps():
+    """Upstream keeps ``loss[neg_inds].topk(num_neg)`` per image; on CUDA, with ties at the
+    cut, the plugin's batched mining keeps the same anchors."""
+    from mmdet_anchorloss.heads.anchor_loss_ssd_head import hard_negative_sum
+
+    for seed in range(3):
+        rank, neg, num_neg = _tied_negatives('cuda', seed)
+        leaf = rank.clone().requires_grad_()
+        hard_negative_sum(leaf, neg, num_neg, rank_by=rank).sum().backward()
+        for b in range(4):
+            neg_inds = neg[b].nonzero().flatten()
+            _, top = rank[b][neg_inds].topk(int(num_neg[b]))
+            expect = neg_inds[top].sort().values
+            assert torch.equal(leaf.grad[b].nonzero().flatten(), expect), (seed, b)
+
+
 def test_ssd_mining_follows_upstreams_ranking_when_the_losses_are_off_by_rounding(monkeypatch):
     """Where the plugin's cross-entropy is not bitwise upstream's (the Triton kernels on a
     GPU), two nearly equal negatives can swap at the cut and the gradient goes to another
