@@ -13,8 +13,8 @@
 #      PYTHONFAULTHANDLER=1 so that a crash in a tool a test starts prints its stack;
 #   4. CHECK_CMD="..." if set;
 #   5. the other cases (CASES), the RPN profiled for its host time.
-# If the subset fails to build, or a call of one of its functions fails (nms on the GPU,
-# the version queries; each in a process of its own), mmcv's full build runs instead, in the
+# If the subset fails to build, or a call fails (nms on the GPU, the version queries, which
+# the subset answers in Python; in a process of its own), mmcv's full build runs instead, in the
 # background while the gpu tests run against a stand-in mmcv whose ops raise; then the
 # headline case, the tests that failed, CHECK_CMD and the cases.
 # Every log goes to /tmp/logs, packed into OUT_DIR/logs.tgz after each step, so a run cut
@@ -57,8 +57,8 @@ PYTHONPATH=/tmp/bt:/tmp/site TORCH_CUDA_ARCH_LIST=$arch timeout 240 \
   python3 tools/mmcv_ops_subset.py /tmp/mmcv-src /tmp/mmcv-subset --jobs "$(nproc)" \
   > "$out/mmcv_subset_build.log" 2>&1
 tail -3 "$out/mmcv_subset_build.log"
-# every built function once, in a process of its own (a build whose
-# get_compiling_cuda_version crashed the process on an H200 is why)
+# the subset once, in a process of its own (an earlier build's get_compiling_cuda_version,
+# then from info.cpp, crashed every process that called it on an H200)
 [ -f /tmp/mmcv-subset/mmcv/_ext_subset.so ] && PYTHONPATH=/tmp/site:/tmp/mmcv-subset \
   timeout 60 python3 -X faulthandler -c "
 import torch, mmcv.ops as o

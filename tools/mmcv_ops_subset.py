@@ -13,12 +13,18 @@ kernels are mmcv's own files (``focal_loss_cuda.cu``, ``nms_cuda.cu``, their dis
 the CPU ``nms``); the binding file and the CUDA registrations are mmcv's own lines, cut from
 ``pybind.cpp`` and ``cuda/cudabind.cpp``. ``tools/gpu_session.sh`` uses it and falls back to
 the full build when it fails.
+
+mmcv's two version queries are answered in Python, with what the build used (the compiler,
+nvcc's release), not by ``info.cpp``: on an H200 (2026-11-27) the first subset build's
+``get_compiling_cuda_version`` crashed every process that called it (mmdet_anchorloss's
+environment report, so every ``tools/train.py`` run), and the cause was not found.
 """
 
 import argparse
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,14 +37,11 @@ FUNCTIONS = (
     'nms',
     'softnms',
     'nms_match',
-    'get_compiler_version',
-    'get_compiling_cuda_version',
 )
 # their sources under mmcv/ops/csrc/pytorch
 SOURCES = (
     'focal_loss.cpp',
     'nms.cpp',
-    'info.cpp',
     'cpu/nms.cpp',
     'cuda/focal_loss_cuda.cu',
     'cuda/nms_cuda.cu',
@@ -63,8 +66,52 @@ def __getattr__(name):
     return missing
 
 
+def get_compiler_version():
+    return {compiler!r}
+
+
+def get_compiling_cuda_version():
+    return {cuda!r}
+
+
 BUILT = {built!r}
 '''
+
+
+def compiler_version() -> str:
+    """'GCC X.Y' of the C++ compiler torch's extension builder runs (``CXX``, else ``c++``),
+    as mmcv's ``get_compiler_version`` words it; 'unknown' where it does not answer."""
+    cxx = os.environ.get('CXX', 'c++')
+    try:
+        out = subprocess.run(
+            [cxx, '-dumpfullversion', '-dumpversion'], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+    return 'GCC ' + '.'.join(out.split('.')[:2]) if out else 'unknown'
+
+
+def cuda_version(nvcc_output: str) -> str:
+    """'13.0' from ``nvcc --version``'s output, as mmcv's ``get_compiling_cuda_version``
+    words CUDART_VERSION; 'not available' without one (mmcv's answer without CUDA)."""
+    found = re.search(r'release (\d+\.\d+)', nvcc_output)
+    return found.group(1) if found else 'not available'
+
+
+def stub_source(built, compiler: str, cuda: str) -> str:
+    """mmcv's ``_ext`` for the subset: the built ops, the version queries, and a clear error
+    for any other op."""
+    return STUB.format(built=sorted(built), compiler=compiler, cuda=cuda)
+
+
+def _nvcc_output() -> str:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = Path(CUDA_HOME or '/usr/local/cuda') / 'bin' / 'nvcc'
+    try:
+        return subprocess.run([str(nvcc), '--version'], capture_output=True, text=True).stdout
+    except OSError:
+        return ''
 
 
 def binding_source(pybind: str) -> str:
@@ -118,8 +165,7 @@ def main(argv=None) -> None:
 
     flags = ['-DMMCV_WITH_CUDA', '-O3']
     # only the module's init is exported: no symbol of another loaded library can stand in
-    # for these (the first build, without it, crashed in get_compiling_cuda_version on an
-    # H200; that this was the cause is a guess, and the session script checks every build)
+    # for these (a guard, not a known cure: see the module's docstring)
     hidden = '-fvisibility=hidden'
     # torch's builder names each object after its file: nms.cpp and cpu/nms.cpp would clash
     sources = [build / 'pybind_subset.cpp', build / 'cudabind_subset.cpp']
@@ -140,8 +186,10 @@ def main(argv=None) -> None:
         shutil.rmtree(package)
     shutil.copytree(args.sdist / 'mmcv', package)
     shutil.copy(module.__file__, package / '_ext_subset.so')
-    built = sorted(n for n in FUNCTIONS if hasattr(module, n))
-    (package / '_ext.py').write_text(STUB.format(built=built))
+    built = [n for n in FUNCTIONS if hasattr(module, n)]
+    (package / '_ext.py').write_text(
+        stub_source(built, compiler_version(), cuda_version(_nvcc_output()))
+    )
     print(f'built {len(built)} of mmcv._ext\'s functions into {package}: {", ".join(built)}')
 
 

@@ -2,7 +2,9 @@
 mmcv's files (here from short stand-ins written like mmcv 2.1.0's; the sdist itself is
 only on the GPU machine)."""
 
+import importlib
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,34 @@ def test_cudabind_keeps_the_focal_and_nms_registrations_only():
     ):
         assert line in text
     assert 'iou3d' not in text and 'IoU3D' not in text and 'nms_rotated' not in text
+
+
+def test_version_queries_are_answered_without_info_cpp():
+    """mmcv's version queries come from the stub, not from ``info.cpp`` (whose build crashed
+    its callers on an H200); nothing binds or compiles them."""
+    assert 'info.cpp' not in subset.SOURCES
+    assert not {'get_compiler_version', 'get_compiling_cuda_version'} & set(subset.FUNCTIONS)
+    nvcc = 'nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.48\n'
+    assert subset.cuda_version(nvcc) == '13.0'
+    assert subset.cuda_version('') == 'not available'
+    version = subset.compiler_version()
+    assert version == 'unknown' or re.fullmatch(r'GCC \d+\.\d+', version), version
+
+
+def test_stub_serves_built_ops_versions_and_names_the_missing(tmp_path, monkeypatch):
+    """The generated ``mmcv._ext``, imported as mmcv imports it, with a stand-in for the
+    built module: its ops pass through, the versions are the build's, and any other op
+    raises naming itself and what was built."""
+    package = tmp_path / 'fake_mmcv'
+    package.mkdir()
+    (package / '__init__.py').write_text('')
+    (package / '_ext_subset.py').write_text('def nms(*args):\n    return "built nms"\n')
+    (package / '_ext.py').write_text(subset.stub_source(['nms'], 'GCC 12.3', '13.0'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ext = importlib.import_module('fake_mmcv._ext')
+    assert ext.nms() == 'built nms'
+    assert ext.get_compiler_version() == 'GCC 12.3'
+    assert ext.get_compiling_cuda_version() == '13.0'
+    assert ext.BUILT == ['nms']
+    with pytest.raises(NotImplementedError, match="'roi_align' is not built here.*\\['nms'\\]"):
+        ext.roi_align(1, 2)
