@@ -66,8 +66,8 @@ boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10.0]], device='cuda')
 keep = o.nms(boxes, torch.tensor([0.9, 0.8], device='cuda'), 0.5)[1].tolist()
 print(o.get_compiler_version(), 'CUDA', o.get_compiling_cuda_version(), 'nms keeps', keep)
 assert keep == [0], keep" > "$out/mmcv_subset_check.log" 2>&1 \
-  || { tail -30 "$out/mmcv_subset_check.log"; rm -f /tmp/mmcv-subset/mmcv/_ext_subset.so; }
-tail -1 "$out/mmcv_subset_check.log"
+  || { tail -30 "$out/mmcv_subset_check.log" 2>/dev/null; rm -f /tmp/mmcv-subset/mmcv/_ext_subset.so; }
+tail -1 "$out/mmcv_subset_check.log" 2>/dev/null
 if [ -f /tmp/mmcv-subset/mmcv/_ext_subset.so ]; then
   export PYTHONPATH=/tmp/site:/tmp/mmcv-subset:$(pwd)
   el "mmcv's CUDA sigmoid focal loss against mmdet's pure-torch one"
