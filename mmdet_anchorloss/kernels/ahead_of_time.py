@@ -223,17 +223,24 @@ def _cuobjdump() -> Optional[Path]:
     return tool if tool.exists() else None
 
 
-def _resources(cubin: bytes) -> Dict[str, int]:
-    """REG, STACK, SHARED, LOCAL of the one function in ``cubin`` (empty without cuobjdump)."""
+def _dump(cubin: bytes, flag: str) -> Optional[str]:
+    """``cuobjdump FLAG`` of ``cubin``; None without cuobjdump."""
     tool = _cuobjdump()
     if tool is None:
-        return {}
+        return None
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [str(tool), '--dump-resource-usage', f.name], capture_output=True, text=True, check=True
+        return subprocess.run(
+            [str(tool), flag, f.name], capture_output=True, text=True, check=True
         ).stdout
+
+
+def _resources(cubin: bytes) -> Dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the one function in ``cubin`` (empty without cuobjdump)."""
+    out = _dump(cubin, '--dump-resource-usage')
+    if out is None:
+        return {}
     function = out.split('Function', 1)[-1]
     return {k: int(v) for k, v in _RESOURCE.findall(function)}
 
@@ -245,15 +252,9 @@ def _sass_counts(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
     """(instructions, instructions of the loop) of the one function in ``cubin``: the loop
     runs from a backward branch's target to the branch (0 when there is none). (None,
     None) without cuobjdump."""
-    tool = _cuobjdump()
-    if tool is None:
+    out = _dump(cubin, '-sass')
+    if out is None:
         return None, None
-    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run(
-            [str(tool), '-sass', f.name], capture_output=True, text=True, check=True
-        ).stdout
     lines = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(out)]
     loop = 0
     for address, op, rest in lines:
