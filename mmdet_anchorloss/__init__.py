@@ -13,9 +13,9 @@ own ``tools/train.py`` too, without opening ``torch.load`` to arbitrary pickles 
 call ``heads.patch_ssd_predict()`` themselves (``engine.runner.prepare_process``).
 """
 
-from . import assigners, coders, datasets, heads, losses  # noqa: F401  (registration)
+from . import assigners, coders, datasets, heads, losses, samplers  # noqa: F401  (registration)
 from .engine.checkpoint import register_safe_checkpoint_globals
-from .registry import CLASSES, PLUGIN_TWINS, REGISTERED
+from .registry import ALTERNATIVES, CLASSES, PLUGIN_TWINS, REGISTERED
 
 __version__ = '0.1.0'
 
@@ -23,4 +23,4 @@ register_safe_checkpoint_globals()  # see the module docstring
 
 globals().update(CLASSES)  # the registered classes, importable from the package
 
-__all__ = sorted(CLASSES) + ['PLUGIN_TWINS', 'REGISTERED']
+__all__ = sorted(CLASSES) + ['ALTERNATIVES', 'PLUGIN_TWINS', 'REGISTERED']

@@ -1,8 +1,10 @@
 """The one list of what the plugin registers, and the upstream type each class stands in for.
 
-Every registered class goes through ``register_twin``; ``PLUGIN_TWINS`` (upstream type ->
-plugin type, the switch a user makes in a config), ``REGISTERED`` (names per mmdet
-registry) and the package's ``__all__`` are all read from here.
+Every registered class goes through ``register_twin`` or ``register_alternative``;
+``PLUGIN_TWINS`` (upstream type -> plugin type with the same numbers, the switch a user
+makes in a config), ``ALTERNATIVES`` (upstream type -> opt-in plugin types that change the
+numbers by design, e.g. other random draws), ``REGISTERED`` (names per mmdet registry) and
+the package's ``__all__`` are all read from here.
 """
 
 from typing import Dict, List, Type
@@ -10,6 +12,7 @@ from typing import Dict, List, Type
 from mmdet.registry import DATASETS, MODELS, TASK_UTILS
 
 PLUGIN_TWINS: Dict[str, str] = {}
+ALTERNATIVES: Dict[str, List[str]] = {}
 REGISTERED: Dict[str, List[str]] = {'MODELS': [], 'TASK_UTILS': [], 'DATASETS': []}
 CLASSES: Dict[str, Type] = {}
 _REGISTRIES = {'MODELS': MODELS, 'TASK_UTILS': TASK_UTILS, 'DATASETS': DATASETS}
@@ -27,6 +30,22 @@ def register_twin(upstream: str, registry: str = 'MODELS'):
     def register(cls: Type) -> Type:
         _REGISTRIES[registry].register_module(module=cls)
         PLUGIN_TWINS[upstream] = cls.__name__
+        REGISTERED[registry].append(cls.__name__)
+        CLASSES[cls.__name__] = cls
+        return cls
+
+    return register
+
+
+def register_alternative(upstream: str, registry: str = 'MODELS'):
+    """Class decorator: register the class in mmdet's ``registry`` as an opt-in stand-in for
+    ``upstream`` that does not give its numbers (so ``PLUGIN_TWINS`` leaves it out, and no
+    config is switched to it but by hand).
+    """
+
+    def register(cls: Type) -> Type:
+        _REGISTRIES[registry].register_module(module=cls)
+        ALTERNATIVES.setdefault(upstream, []).append(cls.__name__)
         REGISTERED[registry].append(cls.__name__)
         CLASSES[cls.__name__] = cls
         return cls

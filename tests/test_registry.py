@@ -14,10 +14,20 @@ REGISTRIES = {'MODELS': MODELS, 'TASK_UTILS': TASK_UTILS, 'DATASETS': DATASETS}
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
 
+def _upstream_of(name: str) -> str:
+    """The upstream type a registered name stands in for (as a twin or an alternative)."""
+    twins = [u for u, p in mmdet_anchorloss.PLUGIN_TWINS.items() if p == name]
+    others = [u for u, ps in mmdet_anchorloss.ALTERNATIVES.items() if name in ps]
+    assert len(twins + others) == 1, (name, twins, others)
+    return (twins + others)[0]
+
+
 def test_import_registers_every_name():
     register_all_modules()
     names = [(r, n) for r, ns in mmdet_anchorloss.REGISTERED.items() for n in ns]
-    assert {n for _, n in names} == set(mmdet_anchorloss.PLUGIN_TWINS.values())
+    alternatives = {n for ns in mmdet_anchorloss.ALTERNATIVES.values() for n in ns}
+    assert not alternatives & set(mmdet_anchorloss.PLUGIN_TWINS.values())
+    assert {n for _, n in names} == set(mmdet_anchorloss.PLUGIN_TWINS.values()) | alternatives
     for registry, name in names:
         cls = REGISTRIES[registry].get(name)
         assert cls is not None and cls.__module__.startswith('mmdet_anchorloss'), name
@@ -28,17 +38,18 @@ def test_every_twin_subclasses_its_upstream_type():
     register_all_modules()
     for registry, names in mmdet_anchorloss.REGISTERED.items():
         for name in names:
-            upstream = next(u for u, p in mmdet_anchorloss.PLUGIN_TWINS.items() if p == name)
+            upstream = _upstream_of(name)
             up_cls = REGISTRIES[registry].get(upstream)
             assert up_cls is not None, upstream
             assert issubclass(REGISTRIES[registry].get(name), up_cls), (name, upstream)
 
 
-def test_readme_table_lists_exactly_the_registered_twins():
+def test_readme_tables_list_exactly_the_registered_names():
+    """The twins' table and the alternatives' table together, each name under its upstream."""
     rows = re.findall(r'^\| (\w+) \| `(\w+)` \| `(\w+)` \|', README.read_text(), re.M)
     table = {(reg, plugin, upstream) for reg, plugin, upstream in rows}
     registered = {
-        (reg, plugin, next(u for u, p in mmdet_anchorloss.PLUGIN_TWINS.items() if p == plugin))
+        (reg, plugin, _upstream_of(plugin))
         for reg, plugins in mmdet_anchorloss.REGISTERED.items()
         for plugin in plugins
     }

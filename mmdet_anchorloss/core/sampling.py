@@ -1,6 +1,7 @@
-"""Sampling for a batch: PseudoSampler batched, RandomSampler with upstream's random stream."""
+"""Sampling for a batch: PseudoSampler batched, RandomSampler with upstream's random stream,
+and the opt-in ``DeviceRandomSampler`` drawn on the device."""
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 from mmdet.models.task_modules.samplers import PseudoSampler, RandomSampler
@@ -30,6 +31,9 @@ def sample_batch(
         neg = assign.gt_inds == 0
         avg_factor = pos.sum(dim=1).clamp(min=1).sum(dtype=torch.float32)
         return pos, neg, avg_factor
+    if getattr(sampler, 'draws_on_device', False) and not sampler.add_gt_as_proposals:
+        pos, neg = assign.gt_inds > 0, assign.gt_inds == 0
+        return sample_on_device(pos, neg, sampler.num, sampler.pos_fraction, sampler.neg_pos_ub)
     if type(sampler) is RandomSampler and not sampler.add_gt_as_proposals:
         return _sample_random(sampler, assign)
     B, N = assign.gt_inds.shape
@@ -82,3 +86,50 @@ def _draw(chosen: Tensor, count: int, want: int) -> int:
         return max(want, 0)
     chosen[:count] = True
     return count
+
+
+def sample_on_device(
+    pos: Tensor, neg: Tensor, num: int, pos_fraction: float, neg_pos_ub: float = -1
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``RandomSampler``'s counts for the batch, drawn on the masks' device: no host sync.
+
+    Per image, as upstream: ``int(num * pos_fraction)`` positives (all of them when there
+    are fewer), then ``num`` minus that many negatives, at most ``int(neg_pos_ub * max(1,
+    positives))`` when ``neg_pos_ub >= 0``. Which ones: a uniformly random subset of that
+    size, the candidates with the smallest of uniform keys (one ``torch.rand`` from the
+    device's generator). Not upstream's random stream: its CPU ``randperm`` draws give other
+    anchors, so the losses differ from upstream's by the choice of samples.
+
+    Args:
+        pos, neg (Tensor): (B, N) bool candidates (assigned positive / negative).
+        num, pos_fraction, neg_pos_ub: the sampler's settings.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: sampled pos and neg masks (B, N) and the avg_factor,
+        0-d float32: the sum over images of max(#pos, 1) + max(#neg, 1), as upstream's
+        ``SamplingResult``.
+    """
+    B, N = pos.shape
+    keys = torch.rand(2, B, N, device=pos.device)
+    want_pos = int(num * pos_fraction)
+    got_pos = pos.sum(dim=1).clamp(max=max(want_pos, 0))
+    want_neg = num - got_pos
+    if neg_pos_ub >= 0:  # int() of a non-negative double: truncation, as upstream
+        want_neg = torch.minimum(want_neg, (got_pos.clamp(min=1).double() * neg_pos_ub).long())
+    got_neg = torch.minimum(neg.sum(dim=1), want_neg.clamp(min=0))
+    pos = _smallest_keys(keys[0], pos, got_pos, min(max(want_pos, 0), N))
+    neg = _smallest_keys(keys[1], neg, got_neg, min(num, N))
+    avg_factor = (got_pos.clamp(min=1) + got_neg.clamp(min=1)).sum(dtype=torch.float32)
+    return pos, neg, avg_factor
+
+
+def _smallest_keys(keys: Tensor, candidates: Tensor, count: Tensor, k_max: int) -> Tensor:
+    """(B, N) bool: per image, the ``count`` candidates with the smallest keys (count <=
+    candidates of that image, <= k_max)."""
+    chosen = torch.zeros_like(candidates)
+    if k_max == 0:
+        return chosen
+    keys = keys.masked_fill(~candidates, 2.0)  # keys are in [0, 1): others come last
+    _, order = keys.topk(k_max, dim=1, largest=False, sorted=True)
+    keep = torch.arange(k_max, device=keys.device) < count[:, None]
+    return chosen.scatter_(1, order, keep)

@@ -1,0 +1,3 @@
+from .device_random_sampler import DeviceRandomSampler
+
+__all__ = ['DeviceRandomSampler']

@@ -1,0 +1,53 @@
+"""``DeviceRandomSampler``: mmdet's ``RandomSampler`` with its draws made on the device."""
+
+from typing import Union
+
+import torch
+from mmdet.models.task_modules.samplers import RandomSampler
+from numpy import ndarray
+from torch import Tensor
+
+from ..registry import register_alternative
+
+
+@register_alternative('RandomSampler', 'TASK_UTILS')
+class DeviceRandomSampler(RandomSampler):
+    """``RandomSampler``'s counts, with its random choices drawn on the device, opt-in.
+
+    Upstream's ``RandomSampler`` draws each choice with a CPU ``torch.randperm`` over all
+    the candidates, per image, and a CUDA step must first read back how many there are. For
+    the RPN at B=8 on an H200 those draws took 30 ms of the plugin's 38 ms step (upstream's
+    step: 58.5 ms). This sampler keeps the counts and the avg_factor exactly, and picks a
+    uniformly random subset of the candidates from torch's generator of the device. The
+    plugin's heads sample the whole batch at once, without a host sync
+    (``core.sampling.sample_on_device``); any other head calls ``random_choice`` per image.
+
+    It is not a twin: the chosen anchors, so the losses, differ from upstream's (the same
+    distribution, other draws), and ``torch.manual_seed`` reproduces its own stream, not
+    upstream's. Use it where speed matters more than replaying upstream's samples::
+
+        train_cfg=dict(rpn=dict(sampler=dict(
+            type='DeviceRandomSampler', num=256, pos_fraction=0.5, neg_pos_ub=-1,
+            add_gt_as_proposals=False)))
+
+    Same arguments as ``RandomSampler``.
+    """
+
+    draws_on_device = True  # read by ``core.sampling.sample_batch``
+
+    def random_choice(self, gallery: Union[Tensor, ndarray, list], num: int):
+        """``num`` elements of ``gallery`` at random, drawn on the gallery's device (a
+        tensor's; CUDA when available for a list or array, as upstream).
+
+        Returns:
+            Tensor | ndarray: as upstream, an ndarray for an ndarray or list gallery.
+        """
+        assert len(gallery) >= num
+        is_tensor = isinstance(gallery, torch.Tensor)
+        if not is_tensor:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else 'cpu'
+            gallery = torch.tensor(gallery, dtype=torch.long, device=device)
+        keys = torch.rand(gallery.numel(), device=gallery.device)
+        _, pick = keys.topk(num, largest=False)
+        chosen = gallery[pick]
+        return chosen if is_tensor else chosen.cpu().numpy()
