@@ -36,7 +36,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bt "$g
 export TRITON_CACHE_DIR=/tmp/bench_triton TORCHINDUCTOR_CACHE_DIR=/tmp/bench_inductor
 bench() {  # bench CASE [SUFFIX]: one case, both sides, 150 s at most
   el "bench $1${2:-}"
-  extra=""; case $1 in retina-b8-g10|rpn-b8-g10) extra=--profile;; esac  # RPN: host time
+  extra=""; case $1 in retina-b8-g10|rpn-b8-g10*) extra=--profile;; esac  # RPN: host time
   timeout 150 python3 tools/benchmark_loss.py --device cuda --cases "$1" --repeats 5 --warmup 2 \
     $extra --out "$out/bench_$1${2:-}.json" > "$out/bench_$1${2:-}.log" 2>&1
   grep -v "%|" "$out/bench_$1${2:-}.log" | tail -8
@@ -117,7 +117,7 @@ fi
 if [ -n "${CHECK_CMD:-}" ]; then
   el "$CHECK_CMD"; bash -c "$CHECK_CMD" > "$out/check_cmd.log" 2>&1; tail -40 "$out/check_cmd.log"
 fi
-for c in ${CASES-retina-b8-g100 rpn-b8-g10 retina-b8-g1000 ssd-b32-g10 retina-b8-g10-fp16}; do
+for c in ${CASES-retina-b8-g100 rpn-b8-g10 rpn-b8-g10-device-sampler retina-b8-g1000 ssd-b32-g10 retina-b8-g10-fp16}; do
   bench "$c"
 done
 el done

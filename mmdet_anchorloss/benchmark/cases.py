@@ -29,6 +29,8 @@ class Case(NamedTuple):
 
     ``dtype='float16'`` gives the prediction maps in half precision and runs ``loss_by_feat``
     under ``torch.autocast`` on both sides, as mmengine's ``AmpOptimWrapper`` does.
+    ``plugin_sampler`` swaps the plugin side's sampler for an opt-in one (other draws than
+    upstream's: the losses are not compared).
     """
 
     name: str
@@ -40,6 +42,7 @@ class Case(NamedTuple):
     img_shape: Tuple[int, int]  # (h, w) of every image before padding
     pad_divisor: int
     dtype: str = 'float32'  # of the prediction maps; 'float16' also turns autocast on
+    plugin_sampler: Optional[str] = None  # e.g. 'DeviceRandomSampler' on the plugin side
 
     @property
     def amp(self) -> bool:
@@ -73,11 +76,24 @@ CASES: Dict[str, Case] = {
         _retina(8, 100, 'float16'),
         Case('rpn-b8-g10-fp16', FASTER, 'rpn_head', 'rpn', 8, 10, _FULL, 32, 'float16'),
         Case('ssd-b32-g10-fp16', SSD300, 'bbox_head', None, 32, 10, (300, 300), 1, 'float16'),
+        Case(
+            'rpn-b8-g10-device-sampler',
+            FASTER,
+            'rpn_head',
+            'rpn',
+            8,
+            10,
+            _FULL,
+            32,
+            plugin_sampler='DeviceRandomSampler',
+        ),
     )
 }
 # On CPU, upstream takes minutes per call at G=1000, and half precision is not what CPU
 # training uses: those cases run there only when asked for.
-CPU_DEFAULT_CASES = tuple(n for n, c in CASES.items() if not c.amp and c.num_gts <= 100)
+CPU_DEFAULT_CASES = tuple(
+    n for n, c in CASES.items() if not c.amp and c.num_gts <= 100 and not c.plugin_sampler
+)
 
 # --quick: images a quarter of the size on each side (SSD300's feature maps are fixed by its
 # anchor generator, so its batch shrinks instead), for tests and smoke runs.
@@ -124,6 +140,8 @@ def build_head(case: Case, side: str, device: str) -> torch.nn.Module:
     cfg = head_config(case)
     if side == 'plugin':
         cfg = plugin_config(cfg)
+        if case.plugin_sampler:
+            cfg['train_cfg']['sampler']['type'] = case.plugin_sampler
     return MODELS.build(cfg).to(device)
 
 

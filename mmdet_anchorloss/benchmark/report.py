@@ -107,6 +107,8 @@ def summarise_case(case: Case, quick: bool, records: Dict[str, dict], load: tupl
     rtol = loss_rtol(case)
     check = compare_losses(up['losses'], pl['losses'], up['grad_norms'], pl['grad_norms'], rtol)
     summary['loss_check'] = dict(check._asdict(), rtol=rtol)
+    if case.plugin_sampler:  # other random draws: the losses differ by design
+        summary['loss_check'].update(agree=None, worst=f'not compared: {case.plugin_sampler}')
     return summary
 
 
@@ -164,11 +166,18 @@ def summary_table(summaries: Sequence[dict]) -> str:
                 fmt(s['passes']['upstream'], '.1f'),
                 fmt(s['passes']['plugin'], '.1f'),
                 fmt(check['max_rel_diff'], '.1e'),
-                'yes' if check['agree'] else f'NO ({check["worst"]})',
+                _agreement(check),
                 load,
             ]
         )
     return markdown(header, rows)
+
+
+def _agreement(check: dict) -> str:
+    """'yes', 'NO (where)', or why the losses were not compared."""
+    if check['agree'] is None:
+        return check['worst']
+    return 'yes' if check['agree'] else f'NO ({check["worst"]})'
 
 
 def _pair(summary: dict, *keys: str, spec: str = 'd') -> str:

@@ -97,8 +97,9 @@ def sample_on_device(
     are fewer), then ``num`` minus that many negatives, at most ``int(neg_pos_ub * max(1,
     positives))`` when ``neg_pos_ub >= 0``. Which ones: a uniformly random subset of that
     size, the candidates with the smallest of uniform keys (one ``torch.rand`` from the
-    device's generator). Not upstream's random stream: its CPU ``randperm`` draws give other
-    anchors, so the losses differ from upstream's by the choice of samples.
+    device's generator, shared by the positives and the negatives: they never overlap).
+    Not upstream's random stream: its CPU ``randperm`` draws give other anchors, so the
+    losses differ from upstream's by the choice of samples.
 
     Args:
         pos, neg (Tensor): (B, N) bool candidates (assigned positive / negative).
@@ -110,15 +111,15 @@ def sample_on_device(
         ``SamplingResult``.
     """
     B, N = pos.shape
-    keys = torch.rand(2, B, N, device=pos.device)
+    keys = torch.rand(B, N, device=pos.device)
     want_pos = int(num * pos_fraction)
-    got_pos = pos.sum(dim=1).clamp(max=max(want_pos, 0))
+    got_pos = pos.count_nonzero(dim=1).clamp(max=max(want_pos, 0))
     want_neg = num - got_pos
     if neg_pos_ub >= 0:  # int() of a non-negative double: truncation, as upstream
         want_neg = torch.minimum(want_neg, (got_pos.clamp(min=1).double() * neg_pos_ub).long())
-    got_neg = torch.minimum(neg.sum(dim=1), want_neg.clamp(min=0))
-    pos = _smallest_keys(keys[0], pos, got_pos, min(max(want_pos, 0), N))
-    neg = _smallest_keys(keys[1], neg, got_neg, min(num, N))
+    got_neg = torch.minimum(neg.count_nonzero(dim=1), want_neg.clamp(min=0))
+    pos = _smallest_keys(keys, pos, got_pos, min(max(want_pos, 0), N))
+    neg = _smallest_keys(keys, neg, got_neg, min(num, N))
     avg_factor = (got_pos.clamp(min=1) + got_neg.clamp(min=1)).sum(dtype=torch.float32)
     return pos, neg, avg_factor
 
@@ -129,7 +130,7 @@ def _smallest_keys(keys: Tensor, candidates: Tensor, count: Tensor, k_max: int) 
     chosen = torch.zeros_like(candidates)
     if k_max == 0:
         return chosen
-    keys = keys.masked_fill(~candidates, 2.0)  # keys are in [0, 1): others come last
+    keys = torch.where(candidates, keys, 2.0)  # keys are in [0, 1): others come last
     _, order = keys.topk(k_max, dim=1, largest=False, sorted=True)
     keep = torch.arange(k_max, device=keys.device) < count[:, None]
     return chosen.scatter_(1, order, keep)

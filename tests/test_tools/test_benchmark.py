@@ -82,6 +82,31 @@ def test_cases_and_defaults():
     assert not any(cases.CASES[n].amp for n in cpu)
 
 
+def test_device_sampler_case_swaps_the_plugins_sampler_and_compares_no_losses():
+    """``rpn-b8-g10-device-sampler``: the plugin side samples with ``DeviceRandomSampler``,
+    upstream with its own ``RandomSampler``; its losses (other draws) are reported as not
+    compared, and do not fail the run as a disagreement would. CPU runs skip it unless
+    asked for."""
+    case = cases.CASES['rpn-b8-g10-device-sampler']
+    assert case.name not in cases.default_cases('cpu')
+    assert type(cases.build_head(case, 'plugin', 'cpu').sampler).__name__ == 'DeviceRandomSampler'
+    assert type(cases.build_head(case, 'upstream', 'cpu').sampler).__name__ == 'RandomSampler'
+    records = {
+        side: dict(
+            median={p: 1.0 for p in report.PHASES},
+            memory=dict(peak_mb=1.0),
+            floor=dict(seconds=0.1),
+            losses=dict(loss_rpn_cls=[float(side == 'plugin') + 1.0]),
+            grad_norms=[1.0],
+        )
+        for side in cases.SIDES
+    }
+    check = report.summarise_case(case, True, records, (0.0, 0.0, 0.0))['loss_check']
+    assert check['agree'] is None and check['worst'] == 'not compared: DeviceRandomSampler'
+    plain = report.summarise_case(cases.CASES['rpn-b8-g10'], True, records, (0.0, 0.0, 0.0))
+    assert plain['loss_check']['agree'] is False  # the same losses, in a twin case: disagree
+
+
 def test_half_inputs_match_float_inputs():
     """A -fp16 case feeds its float32 twin's random draws, rounded to half; its logits
     N(-PRIOR_LOGIT, 1) rather than N(-2, 2) (a float16 sum of the latter overflows upstream)."""
