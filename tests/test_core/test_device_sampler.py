@@ -19,7 +19,8 @@ from mmdet.utils import register_all_modules
 from mmdet_anchorloss.core.sampling import sample_on_device
 from mmdet_anchorloss.profiling import count_ops
 
-DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+CUDA = torch.cuda.is_available()
+DEVICES = ['cpu'] + ([pytest.param('cuda', marks=pytest.mark.gpu)] if CUDA else [])
 
 
 def _masks(device, seed=0, B=6, N=500):
@@ -134,3 +135,19 @@ def test_per_image_random_choice_for_other_heads():
     assert bool(((chosen >= 100) & (chosen < 200)).all())
     from_list = sampler.random_choice(list(range(5)), 5)
     assert isinstance(from_list, np.ndarray) and sorted(from_list.tolist()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason='needs CUDA')
+def test_cuda_draw_makes_no_synchronizing_call():
+    """On CUDA the batched draw runs under ``set_sync_debug_mode('error')``: nothing in it
+    waits for the device."""
+    pos, neg = _masks('cuda')
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        p, n, avg = sample_on_device(pos, neg, 256, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _, total = _upstream_counts(pos, neg, 256, 0.5, -1)
+    assert float(avg) == total
