@@ -18,6 +18,13 @@ CLASSES: Dict[str, Type] = {}
 _REGISTRIES = {'MODELS': MODELS, 'TASK_UTILS': TASK_UTILS, 'DATASETS': DATASETS}
 
 
+def _register(cls: Type, registry: str) -> None:
+    """Register ``cls`` in mmdet's ``registry`` and in this module's lists."""
+    _REGISTRIES[registry].register_module(module=cls)
+    REGISTERED[registry].append(cls.__name__)
+    CLASSES[cls.__name__] = cls
+
+
 def register_twin(upstream: str, registry: str = 'MODELS'):
     """Class decorator: register the class in mmdet's ``registry`` as the twin of the
     upstream type ``upstream`` (same constructor arguments, same numbers).
@@ -28,10 +35,8 @@ def register_twin(upstream: str, registry: str = 'MODELS'):
     """
 
     def register(cls: Type) -> Type:
-        _REGISTRIES[registry].register_module(module=cls)
+        _register(cls, registry)
         PLUGIN_TWINS[upstream] = cls.__name__
-        REGISTERED[registry].append(cls.__name__)
-        CLASSES[cls.__name__] = cls
         return cls
 
     return register
@@ -44,10 +49,8 @@ def register_alternative(upstream: str, registry: str = 'MODELS'):
     """
 
     def register(cls: Type) -> Type:
-        _REGISTRIES[registry].register_module(module=cls)
+        _register(cls, registry)
         ALTERNATIVES.setdefault(upstream, []).append(cls.__name__)
-        REGISTERED[registry].append(cls.__name__)
-        CLASSES[cls.__name__] = cls
         return cls
 
     return register

@@ -262,9 +262,8 @@ def _sass_counts(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
         if target and int(target.group(1), 16) < address:  # a branch back: the loop
             start = int(target.group(1), 16)
             loop = max(loop, sum(1 for a, _, _ in lines if start <= a <= address))
-    # the last BRA to itself after EXIT is padding, not code
-    real = [op for _, op, _ in lines if op != 'NOP']
-    return len(real), loop
+    # NOPs pad the function to its alignment: not run
+    return sum(1 for _, op, _ in lines if op != 'NOP'), loop
 
 
 def sass_per_logit(r: 'BuiltKernel') -> float:

@@ -60,6 +60,23 @@ def test_counts_subsets_and_avg_factor_are_upstreams(where, num, pos_fraction, n
     assert avg.dtype == torch.float32 and float(avg) == total
 
 
+def test_positives_at_the_wanted_count():
+    """Images with want - 1, want and want + 1 positives (want = 8 of num = 16), and the
+    negatives' bound at neg_pos_ub = 1 on each side of it: the counts are upstream's, so a
+    clamp that is off by one at either boundary fails."""
+    N = 40
+    pos = torch.zeros(3, N, dtype=torch.bool)
+    for b, n in enumerate((7, 8, 9)):
+        pos[b, :n] = True
+    neg = ~pos
+    for ub in (-1, 1):
+        got_pos, got_neg, avg = sample_on_device(pos, neg, 16, 0.5, ub)
+        counts, total = _upstream_counts(pos, neg, 16, 0.5, ub)
+        assert list(zip(got_pos.sum(1).tolist(), got_neg.sum(1).tolist())) == counts
+        assert float(avg) == total
+    assert counts == [(7, 7), (8, 8), (8, 8)]  # ub=1: as many negatives as positives
+
+
 def test_choice_is_uniform_among_candidates():
     """Each candidate is kept with probability want / candidates: over 4000 draws of 10 of
     40 positives, every candidate's count is within 5 standard deviations of 1000."""
