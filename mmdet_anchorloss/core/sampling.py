@@ -3,6 +3,7 @@ and the opt-in ``DeviceRandomSampler`` drawn on the device."""
 
 from typing import Sequence, Tuple
 
+import numpy as np
 import torch
 from mmdet.models.task_modules.samplers import PseudoSampler, RandomSampler
 from mmengine.structures import InstanceData
@@ -11,6 +12,7 @@ from torch import Tensor
 from ..kernels.sync_policy import upload
 from .anchors import BatchAnchors
 from .assign import assign_result_of
+from .randperm_replay import randperm_prefixes
 from .structures import BatchAssignResult
 
 
@@ -56,36 +58,39 @@ def _sample_random(sampler, assign: BatchAssignResult):
 
     Upstream draws, image by image, a ``randperm`` for the positives and then one for the
     negatives, each only when there are more candidates than wanted. The counts come back
-    in one host sync; the draws (small CPU calls) are made in the same order with the same
-    sizes; the selection itself is batched.
+    in one host sync; the draws are replayed in the same order with the same sizes
+    (``randperm_prefixes``: the same ranks and generator state, without shuffling all the
+    candidates); the selection itself is batched.
     """
     pos = assign.gt_inds > 0
     neg = assign.gt_inds == 0
     num_pos, num_neg = torch.stack([pos.sum(dim=1), neg.sum(dim=1)]).tolist()
-    want_pos = int(sampler.num * sampler.pos_fraction)
-    chosen_pos = torch.zeros(pos.size(0), max(num_pos + [1]), dtype=torch.bool)
-    chosen_neg = torch.zeros(pos.size(0), max(num_neg + [1]), dtype=torch.bool)
-    total = 0
+    want_pos = max(int(sampler.num * sampler.pos_fraction), 0)
+    draws, kept, total = [], [], 0  # kept: (image, 0 pos / 1 neg, count kept, drawn?)
     for b in range(pos.size(0)):  # the draws must follow upstream's order: pos, neg, next image
-        got_pos = _draw(chosen_pos[b], num_pos[b], want_pos)
+        got_pos = min(num_pos[b], want_pos)
         want_neg = sampler.num - got_pos
         if sampler.neg_pos_ub >= 0:
             want_neg = min(want_neg, int(sampler.neg_pos_ub * max(1, got_pos)))
-        got_neg = _draw(chosen_neg[b], num_neg[b], want_neg)
+        want_neg = max(want_neg, 0)
+        got_neg = min(num_neg[b], want_neg)
+        for kind, count, want in ((0, num_pos[b], want_pos), (1, num_neg[b], want_neg)):
+            if count > want:  # upstream's random_choice: randperm(count)[:want]
+                draws.append((count, want))
+            kept.append((b, kind, min(count, want), count > want))
         total += max(got_pos, 1) + max(got_neg, 1)
+    ranks = iter(randperm_prefixes(draws))
+    chosen = [
+        np.zeros((pos.size(0), max(counts + [1])), dtype=bool) for counts in (num_pos, num_neg)
+    ]
+    for b, kind, got, drawn in kept:
+        chosen[kind][b, next(ranks) if drawn else slice(0, got)] = True
     # the draws go to the device without a host sync (pinned, non-blocking on CUDA)
-    pos = pos & upload(chosen_pos, pos.device).gather(1, (pos.cumsum(dim=1) - 1).clamp(min=0))
-    neg = neg & upload(chosen_neg, neg.device).gather(1, (neg.cumsum(dim=1) - 1).clamp(min=0))
+    ranks_pos = (pos.cumsum(dim=1) - 1).clamp(min=0)
+    ranks_neg = (neg.cumsum(dim=1) - 1).clamp(min=0)
+    pos = pos & upload(torch.from_numpy(chosen[0]), pos.device).gather(1, ranks_pos)
+    neg = neg & upload(torch.from_numpy(chosen[1]), neg.device).gather(1, ranks_neg)
     return pos, neg, torch.full((), float(total), device=pos.device)
-
-
-def _draw(chosen: Tensor, count: int, want: int) -> int:
-    """Mark ``want`` of ``count`` ranks in ``chosen`` as upstream's ``random_choice``."""
-    if count > want:
-        chosen[torch.randperm(count)[: max(want, 0)]] = True
-        return max(want, 0)
-    chosen[:count] = True
-    return count
 
 
 def sample_on_device(
