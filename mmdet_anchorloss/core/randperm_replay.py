@@ -29,6 +29,9 @@ import numpy as np
 import torch
 
 _MT_N = 624  # MT19937's state words
+# torch's CPU randperm shuffles as above below this n (aten's "small n" branch), and draws
+# 64-bit numbers another way above it
+_SMALL_N = (2**32 - 1) // 20
 
 # ``CPUGeneratorImplState`` (aten/src/ATen/CPUGeneratorImpl.cpp), as ``get_state`` returns
 # it: the initial seed, ``left`` (draws before the next twist, plus one), ``seeded``,
@@ -66,7 +69,7 @@ def randperm_prefixes(
     generator = torch.default_generator if generator is None else generator
     if not draws:
         return []
-    if not replay_matches_torch():
+    if any(n >= _SMALL_N for n, _ in draws) or not replay_matches_torch():
         return [torch.randperm(n, generator=generator)[:k].numpy() for n, k in draws]
     return _replay(draws, generator)
 

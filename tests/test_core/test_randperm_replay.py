@@ -59,6 +59,19 @@ def test_default_generator_as_torch_randperm_without_one():
     assert torch.equal(torch.rand(4), after)
 
 
+def test_a_huge_n_is_left_to_torch(monkeypatch):
+    """From (2**32 - 1) // 20 candidates on, torch shuffles another way: randperm itself."""
+    calls = []
+    monkeypatch.setattr(randperm_replay, '_SMALL_N', 1000)
+    monkeypatch.setattr(randperm_replay, '_replay', lambda *a: calls.append(a))
+    (want, want_state), (got, got_state) = _both(
+        [(50, 3), (1000, 2)], 1, 0, replay=randperm_prefixes
+    )
+    assert not calls
+    assert all(np.array_equal(w, g) for w, g in zip(want, got))
+    assert torch.equal(got_state, want_state)
+
+
 def test_first_entries_replays_colliding_swaps():
     """Targets that repeat: step 1 takes what step 0 put at 3, step 2 what step 1 put at 3."""
     # r = [0 1 2 3 4]; step 0 swaps 0<->3: [3 1 2 0 4]; step 1 swaps 1<->3: [3 0 2 1 4];
