@@ -59,6 +59,22 @@ def test_default_generator_as_torch_randperm_without_one():
     assert torch.equal(torch.rand(4), after)
 
 
+def test_a_replay_that_raises_falls_back(monkeypatch):
+    def broken(draws, gen):
+        raise AttributeError("module 'numpy.random' has no attribute 'MT19937'")
+
+    monkeypatch.setattr(randperm_replay, '_replay', broken)
+    randperm_replay.replay_matches_torch.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match='AttributeError: .*MT19937'):
+            got = randperm_prefixes([(100, 5)], torch.Generator().manual_seed(3))
+        want = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:5]
+        assert got[0].tolist() == want.tolist()
+    finally:
+        monkeypatch.undo()
+        randperm_replay.replay_matches_torch.cache_clear()
+
+
 def test_a_huge_n_is_left_to_torch(monkeypatch):
     """From (2**32 - 1) // 20 candidates on, torch shuffles another way: randperm itself."""
     calls = []
