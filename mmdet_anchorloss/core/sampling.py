@@ -10,6 +10,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from ..kernels.sync_policy import upload
+from ..profiling import stage
 from .anchors import BatchAnchors
 from .assign import assign_result_of
 from .randperm_replay import randperm_prefixes
@@ -79,12 +80,13 @@ def _sample_random(sampler, assign: BatchAssignResult):
                 draws.append((count, want))
             kept.append((b, kind, min(count, want), count > want))
         total += max(got_pos, 1) + max(got_neg, 1)
-    ranks = iter(randperm_prefixes(draws))
-    chosen = [
-        np.zeros((pos.size(0), max(counts + [1])), dtype=bool) for counts in (num_pos, num_neg)
-    ]
-    for b, kind, got, drawn in kept:
-        chosen[kind][b, next(ranks) if drawn else slice(0, got)] = True
+    with stage('draws'):  # host time, apart in a profile: the CPU generator's draws
+        ranks = iter(randperm_prefixes(draws))
+        chosen = [
+            np.zeros((pos.size(0), max(counts + [1])), dtype=bool) for counts in (num_pos, num_neg)
+        ]
+        for b, kind, got, drawn in kept:
+            chosen[kind][b, next(ranks) if drawn else slice(0, got)] = True
     # the draws go to the device without a host sync (pinned, non-blocking on CUDA)
     ranks_pos = (pos.cumsum(dim=1) - 1).clamp(min=0)
     ranks_neg = (neg.cumsum(dim=1) - 1).clamp(min=0)

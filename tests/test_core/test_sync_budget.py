@@ -18,6 +18,7 @@ from helpers import (
     loss_and_grads,
     make_batch,
     retina_cfg,
+    rpn_cfg,
     to_plugin,
 )
 
@@ -214,3 +215,23 @@ def test_stages_are_marked_for_the_profiler_and_cost_nothing_outside_it():
     ] == STAGES
     got = _step(head, batch)
     assert not [op for op in got.by_op if 'record_function' in op], got.by_op
+
+
+def test_random_samplers_draws_are_a_stage_inside_sample():
+    """The RPN's ``RandomSampler`` draws (host work on the CPU generator) show apart, as
+    ``draws`` inside ``sample``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmdet_anchorloss.profiling import STAGE_PREFIX
+
+    head = build(to_plugin(rpn_cfg(train_cfg=dict(sampler=dict(num=16)))))
+    batch = make_batch(head, 0, (3, 1), [(100, 120), (64, 90)])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss_and_grads(head, *batch)
+    spans = {
+        e.name[len(STAGE_PREFIX) :]: e.time_range
+        for e in prof.events()
+        if e.name.startswith(STAGE_PREFIX)
+    }
+    assert spans['sample'].start <= spans['draws'].start
+    assert spans['draws'].end <= spans['sample'].end
