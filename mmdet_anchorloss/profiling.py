@@ -23,7 +23,9 @@ It runs on CPU as well as CUDA, so a test can hold the budget without a GPU: in 
 where every tensor is on the CPU, the CPU stands in for the device and every such op
 counts. Once the block has dispatched an op on a device, a syncing op whose tensors are on
 the host (``.item()`` of a CPU scalar, ``nonzero`` of a CPU mask) waits for nothing; it is
-listed in ``host_reads``, not counted as a sync. On CUDA,
+listed in ``host_reads``, not counted as a sync. Reads inside ``host_memory()`` (memory
+that is the host's on every device: the CPU generator's state) are ``host_reads`` even in
+a CPU-only block. On CUDA,
 ``torch.cuda.set_sync_debug_mode('error')`` is the runtime's own check of the same thing.
 
 ``stage(name)`` marks a step of the loss (anchors, assignment, sampling, ...) for
@@ -32,6 +34,7 @@ listed in ``host_reads``, not counted as a sync. On CUDA,
 
 import collections
 import contextlib
+import contextvars
 import traceback
 from typing import Counter, NamedTuple
 
@@ -92,7 +95,8 @@ class OpCounts(NamedTuple):
             of this package (or of the caller) that asked for them.
         by_op (Counter): every dispatched op by name.
         host_reads (Counter): by site, syncing ops on host tensors in a block that ran on a
-            device: they wait for nothing (see the module doc). Empty in a CPU-only block.
+            device, and reads inside ``host_memory()``: they wait for nothing (see the
+            module doc).
     """
 
     ops: int
@@ -202,6 +206,21 @@ class _FunctionCounter(TorchFunctionMode):
         self.owner.record(what, on_host=False)
 
 
+_HOST_MEMORY = contextvars.ContextVar('anchorloss_host_memory', default=False)
+
+
+@contextlib.contextmanager
+def host_memory():
+    """Mark a block whose tensor reads are of host memory on every device (the CPU
+    generator's state): ``count_ops`` lists them in ``host_reads``, never as syncs, also
+    where the CPU stands in for the device. Costs a context variable, counted or not."""
+    token = _HOST_MEMORY.set(True)
+    try:
+        yield
+    finally:
+        _HOST_MEMORY.reset(token)
+
+
 class count_ops:  # noqa: N801 (used as a context manager, like torch's modes)
     """Count dispatched aten ops and CUDA host syncs inside a ``with`` block.
 
@@ -218,12 +237,15 @@ class count_ops:  # noqa: N801 (used as a context manager, like torch's modes)
         self.launches = 0
         self.saw_device = False  # an op ran on a device (not the CPU) inside the block
         self._host: list = []  # (op, site) of syncing ops on host tensors, in order
+        self._host_memory: Counter = collections.Counter()  # by site, inside host_memory()
         self._modes = (_FunctionCounter(self), _DispatchCounter(self))
 
     def record(self, what: str, on_host: bool) -> None:
         """Note a syncing op; one on host tensors is decided at ``result()``."""
         site = _site(what)
-        if on_host:
+        if on_host and _HOST_MEMORY.get():
+            self._host_memory[site] += 1
+        elif on_host:
             self._host.append((what, site))
         else:
             self.sync_ops[what] += 1
@@ -241,7 +263,7 @@ class count_ops:  # noqa: N801 (used as a context manager, like torch's modes)
     def result(self) -> OpCounts:
         sync_ops = collections.Counter(self.sync_ops)
         sync_sites = collections.Counter(self.sync_sites)
-        host_reads: Counter = collections.Counter()
+        host_reads: Counter = collections.Counter(self._host_memory)
         for what, site in self._host:
             if self.saw_device:  # the host's own data: nothing to wait for
                 host_reads[site] += 1

@@ -28,6 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..profiling import host_memory
+
 _MT_N = 624  # MT19937's state words
 # torch's CPU randperm shuffles as above below this n (aten's "small n" branch), and draws
 # 64-bit numbers another way above it
@@ -76,7 +78,8 @@ def randperm_prefixes(
 
 def _replay(draws: Sequence[Tuple[int, int]], generator: torch.Generator) -> List[np.ndarray]:
     """The numpy replay of ``randperm_prefixes`` (no check)."""
-    raw = generator.get_state().numpy().copy()
+    with host_memory():  # the generator's state is host memory, whatever the device
+        raw = generator.get_state().numpy().copy()
     state = raw.view(_STATE)[0]
     mt = np.random.MT19937()
     # torch draws key[next] after decrementing ``left`` and twisting at 0; numpy draws
@@ -125,8 +128,13 @@ def replay_matches_torch() -> bool:
     """Whether the replay gives this torch's ``randperm`` prefixes and generator state.
 
     Checked once per process on a scratch generator: draws across a twist of the key and
-    right after seeding, with and without repeated swap targets.
+    right after seeding, with and without repeated swap targets. All of it is host work.
     """
+    with host_memory():
+        return _check_replay()
+
+
+def _check_replay() -> bool:
     if sys.byteorder != 'little':
         return _fall_back('a big-endian machine')
     gen = torch.Generator()

@@ -65,7 +65,7 @@ def _sample_random(sampler, assign: BatchAssignResult):
     """
     pos = assign.gt_inds > 0
     neg = assign.gt_inds == 0
-    num_pos, num_neg = torch.stack([pos.sum(dim=1), neg.sum(dim=1)]).tolist()
+    num_pos, num_neg = torch.stack([pos.count_nonzero(dim=1), neg.count_nonzero(dim=1)]).tolist()
     want_pos = max(int(sampler.num * sampler.pos_fraction), 0)
     draws, kept, total = [], [], 0  # kept: (image, 0 pos / 1 neg, count kept, drawn?)
     for b in range(pos.size(0)):  # the draws must follow upstream's order: pos, neg, next image
@@ -82,16 +82,15 @@ def _sample_random(sampler, assign: BatchAssignResult):
         total += max(got_pos, 1) + max(got_neg, 1)
     with stage('draws'):  # host time, apart in a profile: the CPU generator's draws
         ranks = iter(randperm_prefixes(draws))
-        chosen = [
-            np.zeros((pos.size(0), max(counts + [1])), dtype=bool) for counts in (num_pos, num_neg)
-        ]
+        # chosen[kind][b, r + 1]: whether the candidate of rank r is kept; column 0 is what a
+        # non-candidate (cumsum 0 before the first candidate) reads, and the mask drops it
+        chosen = [np.zeros((len(c), max(c, default=0) + 1), dtype=bool) for c in (num_pos, num_neg)]
         for b, kind, got, drawn in kept:
-            chosen[kind][b, next(ranks) if drawn else slice(0, got)] = True
-    # the draws go to the device without a host sync (pinned, non-blocking on CUDA)
-    ranks_pos = (pos.cumsum(dim=1) - 1).clamp(min=0)
-    ranks_neg = (neg.cumsum(dim=1) - 1).clamp(min=0)
-    pos = pos & upload(torch.from_numpy(chosen[0]), pos.device).gather(1, ranks_pos)
-    neg = neg & upload(torch.from_numpy(chosen[1]), neg.device).gather(1, ranks_neg)
+            chosen[kind][b, next(ranks) + 1 if drawn else slice(1, got + 1)] = True
+    # the draws go to the device without a host sync (pinned, non-blocking on CUDA); each
+    # candidate reads its rank's entry: the count of candidates up to it (rank + 1)
+    pos = pos & upload(torch.from_numpy(chosen[0]), pos.device).gather(1, pos.cumsum(dim=1))
+    neg = neg & upload(torch.from_numpy(chosen[1]), neg.device).gather(1, neg.cumsum(dim=1))
     return pos, neg, torch.full((), float(total), device=pos.device)
 
 

@@ -23,7 +23,7 @@ from helpers import (
 )
 
 from mmdet_anchorloss.kernels.sync_policy import cuda_sync_policy, device_constant, upload
-from mmdet_anchorloss.profiling import count_ops
+from mmdet_anchorloss.profiling import count_ops, host_memory
 
 SYNC_BUDGET = 2
 
@@ -156,6 +156,26 @@ def test_host_reads_wait_for_nothing_once_a_device_ran():
     got = counter.result()
     assert got.syncs == 4 and not got.host_reads, dict(got.sync_sites)
     assert set(got.sync_ops) == {'_local_scalar_dense', 'nonzero', 'index', 'Tensor.tolist'}
+    # host_memory(): reads of what is the host's on every device, listed apart even here
+    with count_ops() as counter:
+        with host_memory():
+            reads()
+        torch.tensor(1).item()  # after the block: counted again
+    got = counter.result()
+    assert got.syncs == 1 and sum(got.host_reads.values()) == 4, dict(got.sync_sites)
+
+
+def test_rpn_step_syncs_once_more_for_the_random_samplers_counts():
+    """The RPN's RandomSampler reads its counts back once per step (not once per image);
+    reading the CPU generator's state for the draws is no sync."""
+    head = build(to_plugin(rpn_cfg(train_cfg=dict(sampler=dict(num=16)))))
+    batch = make_batch(head, 0, (3, 1, 0, 5), [(100, 120), (64, 90), (64, 90), (100, 120)])
+    _step(head, batch)  # the first step of a process also checks the replay once
+    with cuda_sync_policy():
+        got = _step(head, batch)
+    assert got.syncs == SYNC_BUDGET + 1, dict(got.sync_sites)
+    assert set(got.sync_ops) == {'Tensor.tolist'}, dict(got.sync_sites)
+    assert any('randperm_replay.py' in site for site in got.host_reads), dict(got.host_reads)
 
 
 def test_upload_and_device_constant_values():
