@@ -3,6 +3,7 @@
 Everything here runs inside a worker process (``benchmark.worker``) that holds one head.
 """
 
+import ctypes
 import gc
 import hashlib
 import os
@@ -150,6 +151,16 @@ def rss_kb(field: str = 'VmRSS') -> Optional[int]:
     return None
 
 
+def trim_host_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``), so that
+    the resident set holds live data only; False where there is no glibc."""
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's resident-set high-water mark (Linux >= 4.0); False if not possible."""
     try:
@@ -166,6 +177,12 @@ class MemoryProbe:
     On CUDA ``max_memory_allocated`` in the window minus the allocation at the base; on CPU
     the peak resident set in the window (the kernel's high-water mark, reset through
     ``/proc/self/clear_refs``, else ``ru_maxrss``) minus the resident set at the base.
+
+    On CPU that peak also holds what the warm-up left resident: the inputs' gradients, the
+    libraries a side loads on its first call (``torch.compile``'s inductor, some 200 MB),
+    and the C heap's free pages. So the window also starts from the heap trimmed
+    (``malloc_trim``), and ``step_peak_mb`` is the window's peak above that resident set:
+    what the steps themselves add. ``resident_after_warmup_mb`` is what the warm-up left.
     """
 
     def __init__(self, device: str) -> None:
@@ -173,9 +190,12 @@ class MemoryProbe:
         gc.collect()
         if device == 'cuda':
             self.base_mb = torch.cuda.memory_allocated() / 2**20
-        else:
+        else:  # trimmed here too, so that both resident sets hold live data only
+            trim_host_heap()
             self.base_mb = (rss_kb() or 0) / 1024
         self.window_reset = False
+        self.window_base_mb = self.base_mb  # CPU: the resident set where the window starts
+        self.trimmed = False
 
     def start_window(self) -> None:
         """Start the measured window (after the warm-up)."""
@@ -184,6 +204,8 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats()
             self.window_reset = True
         else:
+            self.trimmed = trim_host_heap()
+            self.window_base_mb = (rss_kb() or 0) / 1024
             self.window_reset = reset_peak_rss()
 
     def result(self) -> dict:
@@ -205,6 +227,9 @@ class MemoryProbe:
             base_mb=self.base_mb,
             peak_mb=window - self.base_mb,
             peak_incl_first_call_mb=ru_maxrss - self.base_mb,
+            step_peak_mb=window - self.window_base_mb if self.window_reset else None,
+            resident_after_warmup_mb=self.window_base_mb - self.base_mb,
+            heap_trimmed=self.trimmed,
         )
 
 

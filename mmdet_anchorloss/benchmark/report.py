@@ -146,12 +146,13 @@ def timing_table(summaries: Sequence[dict]) -> str:
 def summary_table(summaries: Sequence[dict]) -> str:
     """Per case: memory, passes over the logits, loss agreement, machine load."""
     header = ['case', 'anchors/img', 'up peak MB', 'plugin peak MB', 'mem up/plugin']
+    header += ['CPU step peak MB (up / plugin)']
     header += ['floor s', 'up passes', 'plugin passes', 'loss max rel diff', 'agree', 'load 1m']
     rows = []
     for s in summaries:
         load = fmt(s['loadavg_at_start'][0], '.1f')
         if 'speedup' not in s:
-            rows.append([s['case']] + ['-'] * 9 + [load])
+            rows.append([s['case']] + ['-'] * 10 + [load])
             continue
         up, pl, check = s['upstream'], s['plugin'], s['loss_check']
         ratio = s['memory_ratio_upstream_over_plugin']
@@ -162,6 +163,7 @@ def summary_table(summaries: Sequence[dict]) -> str:
                 fmt(up['memory']['peak_mb'], '.0f'),
                 fmt(pl['memory']['peak_mb'], '.0f'),
                 fmt(ratio, '.1f') + 'x' if ratio is not None else '-',
+                _pair(s, 'memory', 'step_peak_mb', spec='.0f'),
                 fmt(s['floor_s'], '.4f'),
                 fmt(s['passes']['upstream'], '.1f'),
                 fmt(s['passes']['plugin'], '.1f'),

@@ -82,6 +82,26 @@ def test_cases_and_defaults():
     assert not any(cases.CASES[n].amp for n in cpu)
 
 
+@pytest.mark.skipif(sys.platform != 'linux', reason='reads /proc/self (Linux)')
+def test_cpu_memory_probe_tells_the_warmups_leftovers_from_the_steps_peak():
+    """On CPU: what the warm-up leaves resident (gradients, libraries) is in ``peak_mb``
+    but not in ``step_peak_mb``; what a step allocates and frees is in both."""
+    mb = 2**20 // 4  # float32 elements per MiB
+    probe = measure.MemoryProbe('cpu')
+    kept = torch.ones(100 * mb)  # left by the warm-up, as the inputs' gradients are
+    scratch = torch.ones(300 * mb)  # the warm-up's own scratch, freed
+    del scratch
+    probe.start_window()
+    step = torch.ones(200 * mb)  # a step's transient memory
+    del step
+    got = probe.result()
+    assert probe.window_reset and got['heap_trimmed']
+    assert 95 <= got['resident_after_warmup_mb'] < 150, got
+    assert 190 <= got['step_peak_mb'] < 250, got
+    assert got['peak_mb'] >= got['step_peak_mb'] + 90, got
+    assert kept.sum() > 0
+
+
 def test_device_sampler_case_swaps_the_plugins_sampler_and_compares_no_losses():
     """``rpn-b8-g10-device-sampler``: the plugin side samples with ``DeviceRandomSampler``,
     upstream with its own ``RandomSampler``; its losses (other draws) are reported as not
@@ -307,6 +327,7 @@ def test_quick_run_writes_both_sides(tmp_path):
         assert all(t > 0 for t in record['median'].values())
         assert record['first_call']['fwd_bwd'] > 0
         assert record['memory']['peak_mb'] is not None
+        assert 0 < record['memory']['step_peak_mb'] <= record['memory']['peak_mb']
         assert set(record['losses']) == {'loss_cls', 'loss_bbox'}
         assert len(record['losses']['loss_cls']) == 5  # one per level
         counts = record['counts']
