@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 
 import torch
 
+from ..core.randperm_replay import replay_matches_torch
 from ..kernels.sync_policy import cuda_sync_policy
 from ..profiling import STAGE_PREFIX, count_ops
 from .cases import CASES, Case, Inputs, autocast, build_head, make_inputs
@@ -449,6 +450,8 @@ def run_worker(opts: WorkerOptions) -> dict:
         graphs_compiled_during_timing=compiled_graphs() - graphs_before,
         counts=count_step(bench),
         num_threads=torch.get_num_threads(),
+        # RandomSampler's draws: replayed, or torch.randperm where this torch differs
+        randperm_replayed=replay_matches_torch(),
         source=source_fingerprint(),
         floor=logits_floor(inputs, device),
     )

@@ -328,6 +328,7 @@ def test_quick_run_writes_both_sides(tmp_path):
         assert record['first_call']['fwd_bwd'] > 0
         assert record['memory']['peak_mb'] is not None
         assert 0 < record['memory']['step_peak_mb'] <= record['memory']['peak_mb']
+        assert record['randperm_replayed'] is True
         assert set(record['losses']) == {'loss_cls', 'loss_bbox'}
         assert len(record['losses']['loss_cls']) == 5  # one per level
         counts = record['counts']
