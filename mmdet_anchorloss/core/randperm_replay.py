@@ -110,8 +110,8 @@ def _first_entries(targets: np.ndarray) -> np.ndarray:
     Step i swaps entries i and ``targets[i]`` (>= i), so entry i ends as what
     ``targets[i]`` holds before step i: its own index, unless an earlier step swapped into
     it. An earlier step j wrote entries j < i and ``targets[j]``, so with distinct targets
-    nothing was, and the entries are the targets themselves. Otherwise (a few percent of
-    draws) the swaps are replayed one by one.
+    nothing was, and the entries are the targets themselves. Otherwise (always for short
+    lists, a few percent of the RPN's negatives) the swaps are replayed one by one.
     """
     if len(np.unique(targets)) == len(targets):
         return targets
@@ -135,6 +135,7 @@ def replay_matches_torch() -> bool:
 
 
 def _check_replay() -> bool:
+    """``replay_matches_torch``'s comparison (uncached)."""
     if sys.byteorder != 'little':
         return _fall_back('a big-endian machine')
     gen = torch.Generator()
