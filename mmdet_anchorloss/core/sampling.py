@@ -26,17 +26,21 @@ def sample_batch(
     """Sampled positive / negative masks (B, N) and the avg_factor (0-d tensor).
 
     ``PseudoSampler`` is batched (every positive and negative; avg_factor counts
-    max(#pos, 1) per image). Other samplers run per image with upstream's own ``sample``,
-    which keeps ``RandomSampler``'s random stream identical to upstream's.
+    max(#pos, 1) per image), as is ``RandomSampler`` (its draws replayed). A sampler that
+    offers ``sample_masks(pos, neg)`` (the plugin's ``DeviceRandomSampler``) samples the
+    batch itself, unless that returns None. Other samplers run per image with upstream's
+    own ``sample``.
     """
     if isinstance(sampler, PseudoSampler):
         pos = assign.gt_inds > 0
         neg = assign.gt_inds == 0
         avg_factor = pos.sum(dim=1).clamp(min=1).sum(dtype=torch.float32)
         return pos, neg, avg_factor
-    if getattr(sampler, 'draws_on_device', False) and not sampler.add_gt_as_proposals:
-        pos, neg = assign.gt_inds > 0, assign.gt_inds == 0
-        return sample_on_device(pos, neg, sampler.num, sampler.pos_fraction, sampler.neg_pos_ub)
+    batched = getattr(sampler, 'sample_masks', None)  # a sampler's own batched form
+    if batched is not None:
+        out = batched(assign.gt_inds > 0, assign.gt_inds == 0)
+        if out is not None:
+            return out
     if type(sampler) is RandomSampler and not sampler.add_gt_as_proposals:
         return _sample_random(sampler, assign)
     B, N = assign.gt_inds.shape
@@ -67,26 +71,24 @@ def _sample_random(sampler, assign: BatchAssignResult):
     neg = assign.gt_inds == 0
     num_pos, num_neg = torch.stack([pos.count_nonzero(dim=1), neg.count_nonzero(dim=1)]).tolist()
     want_pos = max(int(sampler.num * sampler.pos_fraction), 0)
-    draws, kept, total = [], [], 0  # kept: (image, 0 pos / 1 neg, count kept, drawn?)
+    picks, total = [], 0  # (image, 0 pos / 1 neg, candidates, wanted), in upstream's order
     for b in range(pos.size(0)):  # the draws must follow upstream's order: pos, neg, next image
         got_pos = min(num_pos[b], want_pos)
         want_neg = sampler.num - got_pos
         if sampler.neg_pos_ub >= 0:
             want_neg = min(want_neg, int(sampler.neg_pos_ub * max(1, got_pos)))
         want_neg = max(want_neg, 0)
-        got_neg = min(num_neg[b], want_neg)
-        for kind, count, want in ((0, num_pos[b], want_pos), (1, num_neg[b], want_neg)):
-            if count > want:  # upstream's random_choice: randperm(count)[:want]
-                draws.append((count, want))
-            kept.append((b, kind, min(count, want), count > want))
-        total += max(got_pos, 1) + max(got_neg, 1)
+        picks += [(b, 0, num_pos[b], want_pos), (b, 1, num_neg[b], want_neg)]
+        total += max(got_pos, 1) + max(min(num_neg[b], want_neg), 1)
     with stage('draws'):  # host time, apart in a profile: the CPU generator's draws
-        ranks = iter(randperm_prefixes(draws))
+        # upstream's random_choice, only where there are more candidates than wanted:
+        # randperm(candidates)[:wanted]
+        ranks = iter(randperm_prefixes([(n, k) for _, _, n, k in picks if n > k]))
         # chosen[kind][b, r + 1]: whether the candidate of rank r is kept; column 0 is what a
         # non-candidate (cumsum 0 before the first candidate) reads, and the mask drops it
         chosen = [np.zeros((len(c), max(c, default=0) + 1), dtype=bool) for c in (num_pos, num_neg)]
-        for b, kind, got, drawn in kept:
-            chosen[kind][b, next(ranks) + 1 if drawn else slice(1, got + 1)] = True
+        for b, kind, n, k in picks:
+            chosen[kind][b, next(ranks) + 1 if n > k else slice(1, n + 1)] = True
     # the draws go to the device without a host sync (pinned, non-blocking on CUDA); each
     # candidate reads its rank's entry: the count of candidates up to it (rank + 1)
     pos = pos & upload(torch.from_numpy(chosen[0]), pos.device).gather(1, pos.cumsum(dim=1))

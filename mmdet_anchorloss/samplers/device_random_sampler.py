@@ -1,12 +1,13 @@
 """``DeviceRandomSampler``: mmdet's ``RandomSampler`` with its draws made on the device."""
 
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import torch
 from mmdet.models.task_modules.samplers import RandomSampler
 from numpy import ndarray
 from torch import Tensor
 
+from ..core.sampling import sample_on_device
 from ..registry import register_alternative
 
 
@@ -33,7 +34,21 @@ class DeviceRandomSampler(RandomSampler):
     Same arguments as ``RandomSampler``.
     """
 
-    draws_on_device = True  # read by ``core.sampling.sample_batch``
+    def sample_masks(self, pos: Tensor, neg: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """The batch's samples, for heads that sample the whole batch
+        (``core.sampling.sample_batch``): ``sample_on_device``'s masks and avg_factor.
+
+        Args:
+            pos, neg (Tensor): (B, N) bool, the assigned positives and negatives.
+
+        Returns:
+            tuple[Tensor, Tensor, Tensor] | None: sampled pos and neg (B, N) and the
+            avg_factor; None with ``add_gt_as_proposals`` (the gts join the priors per
+            image: upstream's per-image ``sample``).
+        """
+        if self.add_gt_as_proposals:
+            return None
+        return sample_on_device(pos, neg, self.num, self.pos_fraction, self.neg_pos_ub)
 
     def random_choice(self, gallery: Union[Tensor, ndarray, list], num: int):
         """``num`` elements of ``gallery`` at random, drawn on the gallery's device (a

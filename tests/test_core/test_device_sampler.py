@@ -13,10 +13,14 @@ from helpers import (
     rpn_cfg,
     to_plugin,
 )
+from mmdet.models.task_modules.assigners import AssignResult
+from mmdet.models.task_modules.samplers import RandomSampler
 from mmdet.registry import TASK_UTILS
 from mmdet.utils import register_all_modules
+from mmengine.structures import InstanceData
 
 from mmdet_anchorloss.core.sampling import sample_on_device
+from mmdet_anchorloss.kernels.sync_policy import cuda_sync_policy
 from mmdet_anchorloss.profiling import count_ops
 
 CUDA = torch.cuda.is_available()
@@ -34,16 +38,17 @@ def _masks(device, seed=0, B=6, N=500):
 
 
 def _upstream_counts(pos, neg, num, pos_fraction, neg_pos_ub):
-    """RandomSampler's per-image counts and avg_factor, as mmdet's BaseSampler.sample."""
+    """Per-image (#pos, #neg) and the avg_factor of mmdet's own ``RandomSampler.sample`` on
+    the same candidates (its draws pick other anchors; the counts are what must agree)."""
+    sampler = RandomSampler(num, pos_fraction, neg_pos_ub, add_gt_as_proposals=False)
+    gts = InstanceData(bboxes=torch.tensor([[0.0, 0.0, 10.0, 10.0]]), labels=torch.tensor([0]))
     counts, total = [], 0
-    for p, n in zip(pos.sum(1).tolist(), neg.sum(1).tolist()):
-        got_pos = min(p, int(num * pos_fraction))
-        want_neg = num - got_pos
-        if neg_pos_ub >= 0:
-            want_neg = min(want_neg, int(neg_pos_ub * max(1, got_pos)))
-        got_neg = min(n, want_neg)
-        counts.append((got_pos, got_neg))
-        total += max(got_pos, 1) + max(got_neg, 1)
+    for p, n in zip(pos.cpu(), neg.cpu()):
+        gt_inds = torch.where(p, 1, torch.where(n, 0, -1))
+        res = AssignResult(1, gt_inds, torch.zeros(len(p)), torch.where(p, 0, -1))
+        sampling = sampler.sample(res, InstanceData(priors=torch.zeros(len(p), 4)), gts)
+        counts.append((len(sampling.pos_inds), len(sampling.neg_inds)))
+        total += sampling.avg_factor
     return counts, total
 
 
@@ -152,6 +157,35 @@ def test_per_image_random_choice_for_other_heads():
     assert bool(((chosen >= 100) & (chosen < 200)).all())
     from_list = sampler.random_choice(list(range(5)), 5)
     assert isinstance(from_list, np.ndarray) and sorted(from_list.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_rpn_head_samples_the_batch_without_reading_counts_back():
+    """The head takes the sampler's batched form: the step makes the budget's 2 syncs (the
+    RandomSampler's RPN step makes 3; per-image sampling, one or more per image)."""
+    head = build(to_plugin(_device_sampler_cfg(16)))
+    cls, reg, gts, metas, ignore = make_batch(head, 0, (3, 1, 0), [(100, 120), (64, 90), (64, 90)])
+    for _ in range(2):  # the counted step is the second: the first compiles
+        cls = [c.detach().requires_grad_() for c in cls]
+        with cuda_sync_policy(), count_ops() as counter:
+            losses = head.loss_by_feat(cls, reg, gts, metas, ignore)
+            sum(sum(v) for v in losses.values()).backward()
+    got = counter.result()
+    assert got.syncs == 2, dict(got.sync_sites)
+    assert not any('sampling.py' in site for site in got.sync_sites), dict(got.sync_sites)
+
+
+def test_the_heads_batched_form_and_its_way_out():
+    """``sample_masks`` is what ``sample_batch`` calls: upstream's counts for the batch; with
+    ``add_gt_as_proposals`` it declines (None), and the head samples per image."""
+    register_all_modules()
+    cfg = dict(type='DeviceRandomSampler', num=64, pos_fraction=0.25, neg_pos_ub=3)
+    pos, neg = _masks('cpu')
+    sampler = TASK_UTILS.build(dict(cfg, add_gt_as_proposals=False))
+    got_pos, got_neg, avg = sampler.sample_masks(pos, neg)
+    counts, total = _upstream_counts(pos, neg, 64, 0.25, 3)
+    assert list(zip(got_pos.sum(1).tolist(), got_neg.sum(1).tolist())) == counts
+    assert float(avg) == total
+    assert TASK_UTILS.build(dict(cfg, add_gt_as_proposals=True)).sample_masks(pos, neg) is None
 
 
 @pytest.mark.gpu
