@@ -18,11 +18,14 @@ The sigmoid kernel's history, and why it looks as it does:
   ``logf``, two full-range divisions, a tile's worth of label and weight reads), which
   points at instruction issue rather than memory as its limit (a reading of the count,
   not a measurement).
-- Now (not yet timed on a GPU): the math is one ``exp2``, one ``rsqrt`` and a polynomial
-  (see the kernel), and a program reads its locations' labels and weights once and loops
-  over all the classes; the build runs 34 instructions per logit forward and 38 backward
-  (``tools/compile_kernels.py``), with 55 registers instead of 86.
-  ``tools/sweep_sigmoid_kernel.py`` times the program shapes on a GPU.
+- Now: the math is one ``exp2``, one ``rsqrt`` and a polynomial (see the kernel), and a
+  program reads its locations' labels and weights once and loops over all the classes; the
+  build runs 34 instructions per logit forward and 38 backward (``tools/compile_kernels.py``),
+  with 55 registers instead of 86. On an H200 (2026-11-27, ``2c76002``) forward and
+  backward over all of RetinaNet's levels at B=8 took 0.54 ms; on the first level the
+  forward read 2.7 TB/s and the backward moved 3.7 TB/s, against 4.2 TB/s for a copy.
+  ``tools/sweep_sigmoid_kernel.py`` found no program shape more than 4% faster than the
+  defaults below.
 
 - ``sigmoid_level_loss``: sigmoid focal / binary cross-entropy of one level map, the target
   of each entry (1 where the class is the anchor's label) decided in the kernel from the
